@@ -1,0 +1,88 @@
+"""Argument checks of ``linear_cross_entropy``: every one runs before any kernel or collective."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+CHECK_TARGETS_ENV = "CCE_DIST_CHECK_TARGETS"
+
+
+def default_filter_eps(dtype: torch.dtype) -> float:
+    """The 'auto' threshold: 2^-12 for bf16, i.e. the dtype's machine epsilon / 32."""
+    return torch.finfo(dtype).eps / 32
+
+
+def check_inputs(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str,
+    filter_eps: Union[str, float, None],
+    backend: str,
+    backends: tuple[str, ...],
+) -> Optional[float]:
+    """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved eps."""
+    for name, t in (("e", e), ("c", c), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if c.dim() != 2:
+        raise ValueError(f"c must be 2-D (V, D), got shape {tuple(c.shape)}")
+    if e.dim() < 1:
+        raise ValueError("e must have shape (..., D), got a 0-d tensor")
+    if e.shape[-1] != c.shape[1]:
+        raise ValueError(
+            f"e's last dim ({e.shape[-1]}) must equal c's dim 1 (D = {c.shape[1]}); "
+            f"got e {tuple(e.shape)}, c {tuple(c.shape)}"
+        )
+    if e.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"e must be bf16, fp16, fp32 or fp64, got {e.dtype}")
+    if c.dtype != e.dtype:
+        raise TypeError(f"c's dtype ({c.dtype}) must equal e's dtype ({e.dtype})")
+    if c.device != e.device or targets.device != e.device:
+        raise ValueError(
+            f"e, c and targets must be on one device, got {e.device}, {c.device}, {targets.device}"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(e.shape[:-1]):
+        raise ValueError(
+            f"targets' shape {tuple(targets.shape)} must equal e's leading shape "
+            f"{tuple(e.shape[:-1])}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if filter_eps == "auto":
+        return default_filter_eps(e.dtype)
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not (
+        0.0 <= filter_eps < 1.0
+    ):
+        raise ValueError(f"filter_eps must be 'auto', None or a float in [0, 1), got {filter_eps!r}")
+    return float(filter_eps) if filter_eps > 0 else None
+
+
+def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Targets outside [0, vocab_size) that are not ``ignore_index``.
+
+    On the CPU: a ``ValueError`` (the check is cheap there). On CUDA the default is no check,
+    which needs no host sync: such a token's loss is NaN, so it cannot pass unnoticed. With
+    ``CCE_DIST_CHECK_TARGETS=1`` a device-side assertion fires instead (asynchronously).
+    """
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if targets.device.type == "cpu":
+        if bool(bad.any()):
+            first = targets[bad][0].item()
+            raise ValueError(
+                f"targets must be in [0, {vocab_size}) or equal ignore_index ({ignore_index}); "
+                f"found {first}"
+            )
+    elif os.environ.get(CHECK_TARGETS_ENV, "0") == "1":
+        torch._assert_async(~bad.any(), "cce_dist: a target is outside [0, vocab_size)")

@@ -1,0 +1,99 @@
+"""The CCE forward and backward as PyTorch custom ops.
+
+Registering them with ``torch.library`` makes them opaque to ``torch.compile`` (which then never
+traces into the Triton launch code or the chunk loop) and gives them fake implementations for
+shape propagation. Each op picks its backend: the Triton kernels on CUDA tensors (and on CPU
+tensors under ``TRITON_INTERPRET=1``), the pure-PyTorch reference otherwise; float64 always goes
+to the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from . import reference
+from .tiles import BlockConfig, default_config, interpreting
+
+BACKENDS = ("auto", "triton", "reference")
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """LSE, target logits and the loss are fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def resolve_backend(backend: str, e: torch.Tensor) -> str:
+    """'triton' or 'reference' for this input (see the module docstring)."""
+    if backend == "auto":
+        use_triton = (e.is_cuda or interpreting()) and e.dtype in TRITON_DTYPES
+        return "triton" if use_triton else "reference"
+    if backend == "triton" and e.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes bf16, fp16 or fp32 inputs, got {e.dtype}")
+    if backend == "triton" and not (e.is_cuda or interpreting()):
+        raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU")
+    return backend
+
+
+def tile_grid(n: int, v: int, backend: str, device: torch.device) -> tuple[int, int]:
+    """Shape of the per-tile maxima the forward records (empty for the reference)."""
+    if backend != "triton":
+        return (0, 0)
+    cfg: BlockConfig = default_config(device)
+    return (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
+
+
+@torch.library.custom_op("cce_dist::forward", mutates_args=())
+def cce_forward(
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), and the
+    per-tile maxima (fp32, empty for the reference)."""
+    if backend == "triton":
+        from . import triton_forward
+
+        return triton_forward.forward(e, c, targets, vocab_start, default_config(e.device))
+    lse, tgt = reference.forward(e, c, targets, vocab_start)
+    return lse, tgt, torch.empty((0, 0), dtype=torch.float32, device=e.device)
+
+
+@cce_forward.register_fake
+def _(e, c, targets, vocab_start, backend):
+    n, v = e.shape[0], c.shape[0]
+    stat_dtype = loss_dtype(e.dtype)
+    return (
+        e.new_empty((n,), dtype=stat_dtype),
+        e.new_empty((n,), dtype=stat_dtype),
+        e.new_empty(tile_grid(n, v, backend, e.device), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("cce_dist::backward", mutates_args=())
+def cce_backward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    tile_max: torch.Tensor,
+    vocab_start: int,
+    filter_eps: Optional[float],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial dE (N, D) and dC (V, D), in the input dtype, from the global LSE."""
+    if backend == "triton":
+        from . import triton_backward
+
+        return triton_backward.backward(
+            e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
+            default_config(e.device),
+        )
+    return reference.backward(e, c, targets, lse, grad_scale, vocab_start, filter_eps)
+
+
+@cce_backward.register_fake
+def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend):
+    return torch.empty_like(e), torch.empty_like(c)

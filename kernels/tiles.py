@@ -1,0 +1,111 @@
+"""Tile shapes and the one Triton building block every CCE kernel shares: a logits tile."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes of the CCE kernels.
+
+    ``block_n`` x ``block_v`` is the logits tile, and also the granularity of gradient filtering
+    (the forward records each tile's largest logit on this grid, the backward skips whole tiles).
+    ``block_d`` is the step of the reduction over D. ``chunk_v`` is how many vocabulary rows the
+    backward materializes gradients for at once (N x chunk_v in the input dtype). ``out_block_d``
+    is the D-width of one output tile of the dE / dC products.
+    """
+
+    block_n: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    out_block_d: int = 128
+    chunk_v: int = 2048
+    num_warps: int = 8
+    num_stages: int = 3
+    target_programs: int = 1024
+
+
+GPU_CONFIG = BlockConfig()
+# Under TRITON_INTERPRET=1 the kernels run in numpy: small tiles keep tests fast and make small
+# shapes span several tiles, splits and chunks, so the masking and merging paths are exercised.
+INTERPRETER_CONFIG = BlockConfig(
+    block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, num_warps=1, num_stages=1,
+    target_programs=4,
+)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(device: torch.device) -> BlockConfig:
+    return INTERPRETER_CONFIG if device.type != "cuda" else GPU_CONFIG
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """How ``mma`` multiplies: a string for ``tl.dot``'s input_precision, or "upcast".
+
+    fp32 inputs get full-precision dots unless the user allowed TF32 for matmuls. "upcast"
+    (bf16 under TRITON_INTERPRET only) converts operands to fp32 first: the interpreter's bf16
+    dot is wrong (triton 3.9), while fp32 products of bf16 values are exact, so the result equals
+    the GPU's bf16 MMA with fp32 accumulation.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in fp32, honouring :func:`dot_precision`."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast_out(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 -> ``dtype``, rounding to nearest even.
+
+    The interpreter's own fp32 -> bf16 conversion does not round to nearest (triton 3.9), which
+    would bias every stored gradient; so on that path the rounding is done on the bits, after
+    which the conversion is exact.
+    """
+    if PRECISION == "upcast":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def logits_tile(
+    e_ptr, c_ptr, offs_n, offs_v, N, V, D,
+    stride_en, stride_ed, stride_cv, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """fp32 tile ``e[offs_n] @ c[offs_v].T`` of shape (BLOCK_N, BLOCK_V); out-of-range rows are 0."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    e_ptrs = e_ptr + offs_n.to(tl.int64)[:, None] * stride_en + offs_d[None, :] * stride_ed
+    c_ptrs = c_ptr + offs_v.to(tl.int64)[None, :] * stride_cv + offs_d[:, None] * stride_cd
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        mask_d = offs_d < D - d0
+        e = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        c = tl.load(c_ptrs, mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+        acc = mma(e, c, acc, PRECISION)
+        e_ptrs += BLOCK_D * stride_ed
+        c_ptrs += BLOCK_D * stride_cd
+    return acc

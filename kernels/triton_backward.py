@@ -1,0 +1,222 @@
+"""Triton backward: dE and dC from the global LSE, with tile-level gradient filtering.
+
+The vocabulary is walked in chunks of ``cfg.chunk_v`` rows. For each chunk:
+
+1. ``_dlogits_kernel`` writes ``dl = (softmax - onehot) * grad_scale`` for the chunk (N x chunk,
+   input dtype) and one keep-flag per (token block, vocabulary block) tile. With filtering, a tile
+   whose largest logit (recorded by the forward) proves every softmax entry is under ``filter_eps``
+   is skipped without being recomputed; a recomputed tile whose every |softmax - onehot| is under
+   ``filter_eps`` is dropped too. A tile holding a target is never skipped by the first test.
+2. ``_dc_kernel`` computes ``dC[chunk] = dl.T @ E`` in one pass over the kept tiles of each
+   column of tiles: fp32 accumulation, a single rounding, no atomics.
+3. ``_de_kernel`` adds ``dl @ C[chunk]`` into an fp32 dE accumulator (each output tile owned by
+   one program: deterministic).
+
+Kept tiles are listed per column / per row with a device-side argsort of the flags, so the loops
+over tiles have no data-dependent branches and no host synchronization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import BlockConfig, cast_out, dot_precision, logits_tile, mma
+
+
+@triton.jit
+def _dlogits_kernel(
+    e_ptr, c_ptr, t_ptr, lse_ptr, scale_ptr, tile_max_ptr, dl_ptr, flag_ptr,
+    N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, log_eps, eps,
+    stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    FILTER: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    offs_v = v0 + offs_c  # row of this shard of C
+    mask_n = offs_n < N
+    mask_v = offs_c < vc
+    local_t = tl.load(t_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64) - vocab_start
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    mask = mask_n[:, None] & mask_v[None, :]
+    hit = (offs_v.to(tl.int64)[None, :] == local_t[:, None]) & mask
+    dl_ptrs = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dln + offs_c[None, :]
+    if FILTER:
+        tile_max = tl.load(tile_max_ptr + pid_n * num_v_blocks + v0 // BLOCK_V + pid_v)
+        lse_min = tl.min(tl.where(mask_n, lse, float("inf")), axis=0)
+        has_target = tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0)
+        keep = ((tile_max - lse_min) >= log_eps) | (has_target > 0)
+        flag = keep.to(tl.int32)
+        if keep:
+            logits = logits_tile(
+                e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv,
+                stride_cd, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
+            )
+            g = tl.exp(logits - lse[:, None]) - hit.to(tl.float32)
+            g = tl.where(mask, g, 0.0)
+            flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
+            tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+        tl.store(flag_ptr + pid_n * chunk_blocks + pid_v, flag)
+    else:
+        logits = logits_tile(
+            e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
+            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
+        )
+        g = tl.exp(logits - lse[:, None]) - hit.to(tl.float32)
+        g = tl.where(mask, g, 0.0)
+        tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
+def _dc_kernel(
+    dl_ptr, e_ptr, dc_ptr, order_ptr, count_ptr,
+    N, D, v0, vc, n_blocks, chunk_blocks,
+    stride_dln, stride_en, stride_ed, stride_cv, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr,
+    FILTER: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_v = offs_c < vc
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_V, BLOCK_DO), dtype=tl.float32)
+    if FILTER:
+        count = tl.load(count_ptr + pid_v)
+    else:
+        count = n_blocks
+    for i in range(0, count):
+        if FILTER:
+            nb = tl.load(order_ptr + i * chunk_blocks + pid_v)
+        else:
+            nb = i
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = offs_n.to(tl.int64)[:, None]
+        dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
+                     mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        e = tl.load(e_ptr + rows * stride_en + offs_d[None, :] * stride_ed,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(tl.trans(dl), e, acc, PRECISION)
+    dc_ptrs = dc_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv + offs_d[None, :] * stride_cd
+    tl.store(dc_ptrs, cast_out(acc, dc_ptr.dtype.element_ty, PRECISION),
+             mask=mask_v[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _de_kernel(
+    dl_ptr, c_ptr, de_ptr, order_ptr, count_ptr,
+    N, D, v0, vc, chunk_blocks, accumulate,
+    stride_dln, stride_cv, stride_cd, stride_den,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr,
+    FILTER: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    rows = offs_n.to(tl.int64)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    if FILTER:
+        count = tl.load(count_ptr + pid_n)
+    else:
+        count = chunk_blocks
+    for i in range(0, count):
+        if FILTER:
+            vb = tl.load(order_ptr + pid_n * chunk_blocks + i)
+        else:
+            vb = i
+        offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
+                     mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        c = tl.load(c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
+                    + offs_d[None, :] * stride_cd,
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(dl, c, acc, PRECISION)
+    de_ptrs = de_ptr + rows * stride_den + offs_d[None, :]
+    mask = mask_n[:, None] & mask_d[None, :]
+    if accumulate:
+        acc += tl.load(de_ptrs, mask=mask, other=0.0)
+    tl.store(de_ptrs, acc, mask=mask)
+
+
+def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per column and per row of the (n_blocks, chunk_blocks) flags: kept tile indices first."""
+    dropped = (flags == 0).to(torch.int8)
+    by_column = torch.argsort(dropped, dim=0, stable=True).to(torch.int32)
+    by_row = torch.argsort(dropped, dim=1, stable=True).to(torch.int32)
+    return by_column, flags.sum(0, dtype=torch.int32), by_row, flags.sum(1, dtype=torch.int32)
+
+
+def backward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    vocab_start: int,
+    filter_eps: Optional[float],
+    tile_max: torch.Tensor,
+    cfg: BlockConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
+
+    e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
+    fp32; tile_max: the forward's per-tile maxima (same ``cfg``). Returns ``(de, dc)`` in the
+    input dtype; ``de`` is this slice's partial contribution.
+    """
+    n, d = e.shape
+    v = c.shape[0]
+    dc = torch.empty_like(c)
+    if n == 0 or v == 0:
+        return torch.zeros_like(e), dc
+    bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
+    n_blocks = triton.cdiv(n, bn)
+    v_blocks = triton.cdiv(v, bv)
+    chunk = max(bv, cfg.chunk_v // bv * bv)
+    de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
+    dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
+    precision = dot_precision(e.dtype)
+    use_filter = filter_eps is not None
+    eps = float(filter_eps) if use_filter else 0.0
+    log_eps = math.log(eps) if eps > 0 else -math.inf
+    for v0 in range(0, v, chunk):
+        vc = min(chunk, v - v0)
+        cb = triton.cdiv(vc, bv)
+        flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
+        _dlogits_kernel[(n_blocks, cb)](
+            e, c, targets, lse, grad_scale, tile_max, dl, flags,
+            n, v, d, vocab_start, v0, vc, v_blocks, cb, log_eps, eps,
+            e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if use_filter:
+            by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
+        else:
+            by_col = count_col = by_row = count_row = flags  # unused by the kernels
+        _dc_kernel[(cb, triton.cdiv(d, bdo))](
+            dl, e, dc, by_col, count_col, n, d, v0, vc, n_blocks, cb,
+            dl.stride(0), e.stride(0), e.stride(1), dc.stride(0), dc.stride(1),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _de_kernel[(n_blocks, triton.cdiv(d, bdo))](
+            dl, c, de_acc, by_row, count_row, n, d, v0, vc, cb, int(v0 > 0),
+            dl.stride(0), c.stride(0), c.stride(1), de_acc.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return de_acc.to(e.dtype), dc

@@ -1,0 +1,95 @@
+"""Triton forward: per-token LSE and target logit over a slice of the vocabulary.
+
+Grid: (token blocks, vocabulary splits). Each program walks its split's vocabulary blocks with
+an online log-sum-exp (as in the fused-softmax / flash-attention tutorials) and writes one
+partial LSE and one partial target logit per token; a tiny logsumexp / sum over the splits
+finishes the job. No locks and no atomics, so the result is deterministic. Each program also
+writes the largest logit of every (token block, vocabulary block) tile it saw, which the
+backward uses to skip negligible tiles without recomputing them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import BlockConfig, dot_precision, logits_tile
+
+
+@triton.jit
+def _forward_kernel(
+    e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, tile_max_ptr,
+    N, V, D, vocab_start, blocks_per_split, num_v_blocks,
+    stride_en, stride_ed, stride_cv, stride_cd,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    local_t = tl.load(t_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64) - vocab_start
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    vb_begin = pid_s * blocks_per_split
+    vb_end = tl.minimum(vb_begin + blocks_per_split, num_v_blocks)
+    for vb in range(vb_begin, vb_end):
+        offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        logits = logits_tile(
+            e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
+            BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
+        )
+        mask_v = offs_v < V
+        logits = tl.where(mask_v[None, :], logits, float("-inf"))
+        row_max = tl.max(logits, axis=1)
+        tile_max = tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0)
+        tl.store(tile_max_ptr + pid_n * num_v_blocks + vb, tile_max)
+        m_new = tl.maximum(m, row_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m = m_new
+        hit = (offs_v.to(tl.int64)[None, :] == local_t[:, None]) & mask_v[None, :]
+        tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+    lse = m + tl.log(s)
+    tl.store(lse_part_ptr + pid_s * N + offs_n, lse, mask=mask_n)
+    tl.store(tgt_part_ptr + pid_s * N + offs_n, tgt, mask=mask_n)
+
+
+def forward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    cfg: BlockConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e: (N, D), c: (V, D) of one float dtype; targets: (N,) integer global ids.
+
+    Returns ``(lse, target_logit, tile_max)``: (N,) float32, (N,) float32 (0 where the target is
+    not in these rows) and (cdiv(N, block_n), cdiv(V, block_v)) float32.
+    """
+    n, d = e.shape
+    v = c.shape[0]
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    v_blocks = triton.cdiv(v, cfg.block_v)
+    tile_max = torch.empty((n_blocks, v_blocks), dtype=torch.float32, device=e.device)
+    if n == 0 or v == 0:
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
+        return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max
+    splits = max(1, min(v_blocks, triton.cdiv(cfg.target_programs, n_blocks)))
+    blocks_per_split = triton.cdiv(v_blocks, splits)
+    splits = triton.cdiv(v_blocks, blocks_per_split)
+    lse_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
+    tgt_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
+    _forward_kernel[(n_blocks, splits)](
+        e, c, targets, lse_part, tgt_part, tile_max,
+        n, v, d, vocab_start, blocks_per_split, v_blocks,
+        e.stride(0), e.stride(1), c.stride(0), c.stride(1),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        PRECISION=dot_precision(e.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        return lse_part[0], tgt_part[0], tile_max
+    return torch.logsumexp(lse_part, dim=0), tgt_part.sum(dim=0), tile_max

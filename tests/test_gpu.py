@@ -1,0 +1,126 @@
+"""The Triton kernels compiled for a real GPU: large-shape numerics, torch.compile, CUDA graphs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cce_dist import linear_cross_entropy
+from cce_dist.testing import make_inputs
+from helpers import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _fp32_reference(e, c, t):
+    e32 = e.detach().float().requires_grad_()
+    c32 = c.detach().float().requires_grad_()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        loss = F.cross_entropy(e32 @ c32.T, t)
+        de, dc = torch.autograd.grad(loss, (e32, c32))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return loss.detach(), de, dc
+
+
+@pytest.mark.parametrize("regime", ["dense", "lm", "spread"])
+@pytest.mark.parametrize("shape", [(2048, 1024, 32000), (1000, 768, 50257)])
+def test_bf16_accuracy_vs_eager(regime, shape):
+    n, d, v = shape
+    e, c, t = make_inputs(regime, n, d, v, device="cuda", seed=7)
+    e.requires_grad_(), c.requires_grad_()
+    ref = _fp32_reference(e, c, t)
+    eager = F.cross_entropy((e @ c.T).float(), t)
+    eager_err = [rel_err(eager, ref[0])] + [
+        rel_err(g, r) for g, r in zip(torch.autograd.grad(eager, (e, c)), ref[1:])
+    ]
+    loss = linear_cross_entropy(e, c, t, filter_eps=None)
+    ours = [rel_err(loss, ref[0])] + [
+        rel_err(g, r) for g, r in zip(torch.autograd.grad(loss, (e, c)), ref[1:])
+    ]
+    assert ours[0] <= max(eager_err[0], 1e-6)
+    assert ours[1] <= 1.05 * eager_err[1] and ours[2] <= 1.05 * eager_err[2], (ours, eager_err)
+    if regime == "lm":
+        auto = linear_cross_entropy(e, c, t)
+        errs = [rel_err(g, r) for g, r in zip(torch.autograd.grad(auto, (e, c)), ref[1:])]
+        assert errs[0] <= 2 * eager_err[1] and errs[1] <= 2 * eager_err[2], (errs, eager_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_dtypes(dtype):
+    e, c, t = make_inputs("lm", 777, 320, 9999, dtype=dtype, device="cuda", seed=1)
+    e.requires_grad_(), c.requires_grad_()
+    ref = _fp32_reference(e, c, t)
+    loss = linear_cross_entropy(e, c, t, filter_eps=None)
+    de, dc = torch.autograd.grad(loss, (e, c))
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert rel_err(loss, ref[0]) < tol
+    assert rel_err(de, ref[1]) < tol and rel_err(dc, ref[2]) < tol
+
+
+def _fw_bw(e, c, t):
+    loss = linear_cross_entropy(e, c, t, ignore_index=-100)
+    de, dc = torch.autograd.grad(loss, (e, c))
+    return loss, de, dc
+
+
+def test_torch_compile_matches_eager():
+    e, c, t = make_inputs("lm", 512, 256, 5000, device="cuda", seed=2)
+    t[::7] = -100
+    e.requires_grad_(), c.requires_grad_()
+    want = _fw_bw(e, c, t)
+    got = torch.compile(_fw_bw, fullgraph=True)(e, c, t)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_capture_and_replay():
+    e, c, t = make_inputs("lm", 512, 256, 5000, device="cuda", seed=3)
+    e.requires_grad_(), c.requires_grad_()
+    want = _fw_bw(e, c, t)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles the kernels outside the capture
+        _fw_bw(e, c, t)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _fw_bw(e, c, t)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(out, want):
+        assert torch.equal(a, b)
+    # New data in the same buffers: the replay follows it.
+    e2, c2, t2 = make_inputs("dense", 512, 256, 5000, device="cuda", seed=4)
+    with torch.no_grad():
+        e.copy_(e2), c.copy_(c2), t.copy_(t2)
+    graph.replay()
+    want2 = _fw_bw(e, c, t)
+    for a, b in zip(out, want2):
+        assert torch.equal(a, b)
+
+
+def test_out_of_range_target_gives_nan_without_sync():
+    e, c, t = make_inputs("dense", 64, 32, 100, device="cuda")
+    t[5] = 100
+    per_token = linear_cross_entropy(e, c, t, reduction="none")
+    assert torch.isnan(per_token[5]) and torch.isfinite(per_token[:5]).all()
+    assert torch.isnan(linear_cross_entropy(e, c, t))
+
+
+def test_opt_in_target_check_fires():
+    code = (
+        "import torch; from cce_dist import linear_cross_entropy as f; "
+        "e=torch.randn(8,4,device='cuda'); c=torch.randn(10,4,device='cuda'); "
+        "t=torch.full((8,),10,device='cuda'); f(e,c,t); torch.cuda.synchronize()"
+    )
+    env = dict(os.environ, CCE_DIST_CHECK_TARGETS="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0, run.stderr[-2000:]
+    env["CCE_DIST_CHECK_TARGETS"] = "0"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

@@ -1,0 +1,79 @@
+"""Bad input: a clear TypeError / ValueError naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+import cce_dist
+from cce_dist import linear_cross_entropy
+
+
+@pytest.fixture
+def good():
+    return torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Any kernel launch during a bad call fails the test."""
+    import cce_dist.parallel.function as fn
+
+    def boom(*a, **k):
+        raise AssertionError("a kernel ran before the argument check")
+
+    monkeypatch.setattr(fn, "cce_forward", boom)
+    monkeypatch.setattr(fn, "cce_backward", boom)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,word",
+    [
+        (lambda e, c, t: (e, c[0], t), ValueError, "c must be 2-D"),
+        (lambda e, c, t: (e, c[:, :5], t), ValueError, "e's last dim"),
+        (lambda e, c, t: (e, c.double(), t), TypeError, "c's dtype"),
+        (lambda e, c, t: (e.int(), c.int(), t), TypeError, "e must be"),
+        (lambda e, c, t: (e, c, t.float()), TypeError, "targets must be an integer"),
+        (lambda e, c, t: (e, c, t.bool()), TypeError, "targets must be an integer"),
+        (lambda e, c, t: (e, c, t[:3]), ValueError, "targets' shape"),
+        (lambda e, c, t: (e, c, t[:, None]), ValueError, "targets' shape"),
+        (lambda e, c, t: (e, c, t.tolist()), TypeError, "targets must be a torch.Tensor"),
+        (lambda e, c, t: (e, c.to("meta"), t), ValueError, "one device"),
+    ],
+)
+def test_bad_tensors(good, no_kernels, mutate, exc, word):
+    with pytest.raises(exc, match=word):
+        linear_cross_entropy(*mutate(*good))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"filter_eps": "fast"}, ValueError, "filter_eps"),
+        ({"filter_eps": 2.0}, ValueError, "filter_eps"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+        ({"vocab_start": 3}, ValueError, "vocab_start"),
+    ],
+)
+def test_bad_options(good, no_kernels, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        linear_cross_entropy(*good, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [10, -1, 1000])
+def test_target_out_of_range_on_cpu(good, no_kernels, bad):
+    e, c, t = good
+    t[2] = bad
+    with pytest.raises(ValueError, match="targets must be in"):
+        linear_cross_entropy(e, c, t)
+
+
+def test_ignore_index_is_not_out_of_range(good):
+    e, c, t = good
+    t[1] = -100
+    assert torch.isfinite(linear_cross_entropy(e, c, t))
+
+
+def test_default_filter_eps_values():
+    assert cce_dist.default_filter_eps(torch.bfloat16) == 2.0 ** -12
+    assert cce_dist.default_filter_eps(torch.float16) == 2.0 ** -15
+    assert cce_dist.default_filter_eps(torch.float32) == 2.0 ** -28

@@ -6,14 +6,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-# The package imports as cce_dist from the source tree without an install.
-mkdir -p /tmp/pkg/cce_dist && cp -r cce_dist/* /tmp/pkg/cce_dist/ && \
-  ln -sfn "$PWD/kernels" /tmp/pkg/cce_dist/kernels && ln -sfn "$PWD/parallel" /tmp/pkg/cce_dist/parallel
-export PYTHONPATH=/tmp/pkg:$PYTHONPATH PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -m gpu tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25

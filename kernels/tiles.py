@@ -17,17 +17,21 @@ class BlockConfig:
     ``block_n`` x ``block_v`` is the logits tile, and also the granularity of gradient filtering
     (the forward records each tile's largest logit on this grid, the backward skips whole tiles).
     ``block_d`` is the step of the reduction over D. ``chunk_v`` is how many vocabulary rows the
-    backward materializes gradients for at once (N x chunk_v in the input dtype). ``out_block_d``
-    is the D-width of one output tile of the dE / dC products.
+    backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own storage where it fits;
+    ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its own). ``out_block_d``
+    is the D-width of one output tile of the dE / dC products; ``mm_*`` their launch settings.
     """
 
     block_n: int = 128
     block_v: int = 128
     block_d: int = 64
     out_block_d: int = 128
-    chunk_v: int = 2048
+    chunk_v: int = 4096
+    tail_chunk_v: int = 1024
     num_warps: int = 8
     num_stages: int = 3
+    mm_num_warps: int = 8
+    mm_num_stages: int = 3
     target_programs: int = 1024
 
 
@@ -35,8 +39,8 @@ GPU_CONFIG = BlockConfig()
 # Under TRITON_INTERPRET=1 the kernels run in numpy: small tiles keep tests fast and make small
 # shapes span several tiles, splits and chunks, so the masking and merging paths are exercised.
 INTERPRETER_CONFIG = BlockConfig(
-    block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, num_warps=1, num_stages=1,
-    target_programs=4,
+    block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, tail_chunk_v=32,
+    num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
 )
 
 

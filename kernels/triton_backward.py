@@ -160,6 +160,19 @@ def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return by_column, flags.sum(0, dtype=torch.int32), by_row, flags.sum(1, dtype=torch.int32)
 
 
+def workspace_split(n: int, d: int, v: int, chunk: int, block_v: int, itemsize: int) -> int:
+    """First row of dC whose storage is lent to the workspace, or ``v`` if none is.
+
+    The workspace is the fp32 dE accumulator (n x d) and one chunk of dl (n x chunk). Placed in
+    the tail rows of dC, which are written last, it costs no memory beyond the gradients
+    themselves. The split is a multiple of ``block_v`` (tile maxima are indexed by block) and
+    leaves room for at least one chunk before it.
+    """
+    need = n * d * 4 + n * chunk * itemsize
+    split = (v - triton.cdiv(need, d * itemsize)) // block_v * block_v
+    return split if split >= chunk else v
+
+
 def backward(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -176,6 +189,11 @@ def backward(
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
     fp32; tile_max: the forward's per-tile maxima (same ``cfg``). Returns ``(de, dc)`` in the
     input dtype; ``de`` is this slice's partial contribution.
+
+    When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
+    last rows (see :func:`workspace_split`): rows before the split get dE and dC contributions
+    chunk by chunk; rows after it first get only their dE contributions, and, once dE is final and
+    the workspace free, their dC ones (recomputing their dl, in chunks of ``cfg.tail_chunk_v``).
     """
     n, d = e.shape
     v = c.shape[0]
@@ -185,38 +203,60 @@ def backward(
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
-    chunk = max(bv, cfg.chunk_v // bv * bv)
-    de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
-    dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
     precision = dot_precision(e.dtype)
     use_filter = filter_eps is not None
     eps = float(filter_eps) if use_filter else 0.0
     log_eps = math.log(eps) if eps > 0 else -math.inf
-    for v0 in range(0, v, chunk):
-        vc = min(chunk, v - v0)
-        cb = triton.cdiv(vc, bv)
-        flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
-        _dlogits_kernel[(n_blocks, cb)](
-            e, c, targets, lse, grad_scale, tile_max, dl, flags,
-            n, v, d, vocab_start, v0, vc, v_blocks, cb, log_eps, eps,
-            e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        if use_filter:
-            by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
-        else:
-            by_col = count_col = by_row = count_row = flags  # unused by the kernels
-        _dc_kernel[(cb, triton.cdiv(d, bdo))](
-            dl, e, dc, by_col, count_col, n, d, v0, vc, n_blocks, cb,
-            dl.stride(0), e.stride(0), e.stride(1), dc.stride(0), dc.stride(1),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        _de_kernel[(n_blocks, triton.cdiv(d, bdo))](
-            dl, c, de_acc, by_row, count_row, n, d, v0, vc, cb, int(v0 > 0),
-            dl.stride(0), c.stride(0), c.stride(1), de_acc.stride(0),
-            BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return de_acc.to(e.dtype), dc
+    state = {"de_started": False}
+
+    def run_chunks(lo, hi, chunk, dl, de_acc, want_dc, want_de):
+        for v0 in range(lo, hi, chunk):
+            vc = min(chunk, hi - v0)
+            cb = triton.cdiv(vc, bv)
+            flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
+            _dlogits_kernel[(n_blocks, cb)](
+                e, c, targets, lse, grad_scale, tile_max, dl, flags,
+                n, v, d, vocab_start, v0, vc, v_blocks, cb, log_eps, eps,
+                e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
+                BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
+                PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if use_filter:
+                by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
+            else:
+                by_col = count_col = by_row = count_row = flags  # unused by the kernels
+            if want_dc:
+                _dc_kernel[(cb, triton.cdiv(d, bdo))](
+                    dl, e, dc, by_col, count_col, n, d, v0, vc, n_blocks, cb,
+                    dl.stride(0), e.stride(0), e.stride(1), dc.stride(0), dc.stride(1),
+                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
+                    num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
+                )
+            if want_de:
+                _de_kernel[(n_blocks, triton.cdiv(d, bdo))](
+                    dl, c, de_acc, by_row, count_row, n, d, v0, vc, cb,
+                    int(state["de_started"]),
+                    dl.stride(0), c.stride(0), c.stride(1), de_acc.stride(0),
+                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
+                    num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
+                )
+                state["de_started"] = True
+
+    chunk = max(bv, cfg.chunk_v // bv * bv)
+    split = workspace_split(n, d, v, chunk, bv, dc.element_size())
+    if split == v:  # too small a vocabulary to lend its tail: separate buffers
+        de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
+        dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
+        run_chunks(0, v, chunk, dl, de_acc, want_dc=True, want_de=True)
+        return de_acc.to(e.dtype), dc
+    raw = dc[split:].view(-1).view(torch.uint8)
+    de_acc = raw[: n * d * 4].view(torch.float32).view(n, d)
+    dl = raw[n * d * 4: n * d * 4 + n * chunk * dc.element_size()].view(dc.dtype).view(n, chunk)
+    run_chunks(0, split, chunk, dl, de_acc, want_dc=True, want_de=True)
+    run_chunks(split, v, chunk, dl, de_acc, want_dc=False, want_de=True)
+    de = de_acc.to(e.dtype, copy=True)  # a copy even for fp32: its storage is dC's
+    tail_chunk = max(bv, cfg.tail_chunk_v // bv * bv)
+    dl = torch.empty((n, min(tail_chunk, triton.cdiv(v - split, bv) * bv)), dtype=e.dtype,
+                     device=e.device)
+    run_chunks(split, v, tail_chunk, dl, None, want_dc=True, want_de=False)
+    return de, dc

@@ -95,3 +95,24 @@ def test_default_filter_within_twice_exact_error_on_peaked_data(regime):
     auto = torch.autograd.grad(linear_cross_entropy(e, c, t), (e, c))
     for got, want, ref in zip(auto, exact, (ref_de, ref_dc)):
         assert rel_err(got, ref) <= 2 * rel_err(want, ref)
+
+
+@pytest.mark.parametrize("v", [70, 400])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_with_and_without_workspace_in_dc(v, dtype):
+    """Large V lends dC's tail rows to the dE accumulator and dl; small V cannot. Both exact."""
+    from cce_dist.kernels.tiles import default_config
+    from cce_dist.kernels.triton_backward import workspace_split
+
+    n, d = 24, 16
+    cfg = default_config(torch.device("cpu"))
+    split = workspace_split(n, d, v, cfg.chunk_v, cfg.block_v, dtype.itemsize)
+    assert (split < v) == (v == 400)
+    e, c, t = make_inputs("spread", n, d, v, dtype=dtype, seed=5)
+    e.requires_grad_(), c.requires_grad_()
+    _, ref_de, ref_dc = float64_reference(e, c, t)
+    de, dc = torch.autograd.grad(
+        linear_cross_entropy(e, c, t, filter_eps=None, backend="triton"), (e, c)
+    )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(de, ref_de) < tol and rel_err(dc, ref_dc) < tol

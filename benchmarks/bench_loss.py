@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,7 @@ def main() -> None:
                     r = measure(fn, e, c, t, ref)
                 except Exception as err:  # a competitor failing must not hide the rest
                     print(f"# {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
+                    traceback.print_exc()
                     continue
                 r.update(shape=shape, regime=regime, method=name, grads_mb=grads_mb,
                          maxprob=maxprob)

@@ -18,15 +18,15 @@ from cce_dist.testing import make_inputs
 
 VARIANTS = {
     "default": {},
-    "bv256": {"block_v": 256},
-    "bv256_s4": {"block_v": 256, "num_stages": 4},
-    "bn64_bv256": {"block_n": 64, "block_v": 256, "num_warps": 4},
-    "s4_w4": {"num_stages": 4, "num_warps": 4},
-    "mm256": {"out_block_d": 256},
-    "mm_s4": {"mm_num_stages": 4},
+    "bn256": {"block_n": 256},
+    "bd128": {"block_d": 128},
+    "s4": {"num_stages": 4},
+    "bv256_bd32": {"block_v": 256, "block_d": 32, "num_stages": 4},
+    "w4": {"num_warps": 4},
+    "mm_w4": {"mm_num_warps": 4},
+    "mm_od64": {"out_block_d": 64},
+    "mm_od256_s2": {"out_block_d": 256, "mm_num_stages": 2},
     "chunk8k": {"chunk_v": 8192},
-    "chunk2k": {"chunk_v": 2048},
-    "tp4096": {"target_programs": 4096},
 }
 
 

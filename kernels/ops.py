@@ -38,11 +38,13 @@ def resolve_backend(backend: str, e: torch.Tensor) -> str:
     return backend
 
 
-def tile_grid(n: int, v: int, backend: str, device: torch.device) -> tuple[int, int]:
+def tile_grid(
+    n: int, v: int, backend: str, device: torch.device, dtype: torch.dtype
+) -> tuple[int, int]:
     """Shape of the per-tile maxima the forward records (empty for the reference)."""
     if backend != "triton":
         return (0, 0)
-    cfg: BlockConfig = default_config(device)
+    cfg: BlockConfig = default_config(device, dtype)
     return (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
 
 
@@ -55,7 +57,8 @@ def cce_forward(
     if backend == "triton":
         from . import triton_forward
 
-        return triton_forward.forward(e, c, targets, vocab_start, default_config(e.device))
+        cfg = default_config(e.device, e.dtype)
+        return triton_forward.forward(e, c, targets, vocab_start, cfg)
     lse, tgt = reference.forward(e, c, targets, vocab_start)
     return lse, tgt, torch.empty((0, 0), dtype=torch.float32, device=e.device)
 
@@ -67,7 +70,7 @@ def _(e, c, targets, vocab_start, backend):
     return (
         e.new_empty((n,), dtype=stat_dtype),
         e.new_empty((n,), dtype=stat_dtype),
-        e.new_empty(tile_grid(n, v, backend, e.device), dtype=torch.float32),
+        e.new_empty(tile_grid(n, v, backend, e.device, e.dtype), dtype=torch.float32),
     )
 
 
@@ -89,7 +92,7 @@ def cce_backward(
 
         return triton_backward.backward(
             e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            default_config(e.device),
+            default_config(e.device, e.dtype),
         )
     return reference.backward(e, c, targets, lse, grad_scale, vocab_start, filter_eps)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -48,8 +48,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(device: torch.device) -> BlockConfig:
-    return INTERPRETER_CONFIG if device.type != "cuda" else GPU_CONFIG
+# fp32 tiles take twice the shared memory: thinner reduction steps and fewer stages.
+GPU_FP32_CONFIG = replace(GPU_CONFIG, block_d=32, out_block_d=64, mm_num_stages=2)
+
+
+def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BlockConfig:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return GPU_FP32_CONFIG if dtype == torch.float32 else GPU_CONFIG
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -18,15 +18,13 @@ from cce_dist.testing import make_inputs
 
 VARIANTS = {
     "default": {},
-    "bn256": {"block_n": 256},
     "bd128": {"block_d": 128},
-    "s4": {"num_stages": 4},
-    "bv256_bd32": {"block_v": 256, "block_d": 32, "num_stages": 4},
-    "w4": {"num_warps": 4},
-    "mm_w4": {"mm_num_warps": 4},
-    "mm_od64": {"out_block_d": 64},
+    "bv256": {"block_v": 256},
+    "bv256_bd32_s4": {"block_v": 256, "block_d": 32, "num_stages": 4},
+    "bn256": {"block_n": 256},
+    "bn256_bd32_s4": {"block_n": 256, "block_d": 32, "num_stages": 4},
+    "bv256_mm256_s2": {"block_v": 256, "out_block_d": 256, "mm_num_stages": 2},
     "mm_od256_s2": {"out_block_d": 256, "mm_num_stages": 2},
-    "chunk8k": {"chunk_v": 8192},
 }
 
 

@@ -98,6 +98,17 @@ def cast_out(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def local_targets(t_ptr, offs_n, mask_n, vocab_start, V):
+    """Targets as int32 row indices of this slice; -1 where outside it (or masked).
+
+    int32 keeps the (tokens x rows) comparisons with the target small in registers and in the
+    shared memory of layout conversions; int64 tiles of 128 x 256 do not fit.
+    """
+    t = tl.load(t_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64) - vocab_start
+    return tl.where((t >= 0) & (t < V), t, -1).to(tl.int32)
+
+
+@triton.jit
 def logits_tile(
     e_ptr, c_ptr, offs_n, offs_v, N, V, D,
     stride_en, stride_ed, stride_cv, stride_cd,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import BlockConfig, cast_out, dot_precision, logits_tile, mma
+from .tiles import BlockConfig, cast_out, dot_precision, local_targets, logits_tile, mma
 
 
 @triton.jit
@@ -43,11 +43,11 @@ def _dlogits_kernel(
     offs_v = v0 + offs_c  # row of this shard of C
     mask_n = offs_n < N
     mask_v = offs_c < vc
-    local_t = tl.load(t_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64) - vocab_start
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     mask = mask_n[:, None] & mask_v[None, :]
-    hit = (offs_v.to(tl.int64)[None, :] == local_t[:, None]) & mask
+    hit = (offs_v[None, :] == local_t[:, None]) & mask
     dl_ptrs = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dln + offs_c[None, :]
     if FILTER:
         tile_max = tl.load(tile_max_ptr + pid_n * num_v_blocks + v0 // BLOCK_V + pid_v)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import BlockConfig, dot_precision, logits_tile
+from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _forward_kernel(
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    local_t = tl.load(t_ptr + offs_n, mask=mask_n, other=-1).to(tl.int64) - vocab_start
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -50,7 +50,7 @@ def _forward_kernel(
         m_new = tl.maximum(m, row_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
-        hit = (offs_v.to(tl.int64)[None, :] == local_t[:, None]) & mask_v[None, :]
+        hit = (offs_v[None, :] == local_t[:, None]) & mask_v[None, :]
         tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
     lse = m + tl.log(s)
     tl.store(lse_part_ptr + pid_s * N + offs_n, lse, mask=mask_n)

@@ -18,13 +18,10 @@ from cce_dist.testing import make_inputs
 
 VARIANTS = {
     "default": {},
-    "bd128": {"block_d": 128},
-    "bv256": {"block_v": 256},
-    "bv256_bd32_s4": {"block_v": 256, "block_d": 32, "num_stages": 4},
-    "bn256": {"block_n": 256},
-    "bn256_bd32_s4": {"block_n": 256, "block_d": 32, "num_stages": 4},
-    "bv256_mm256_s2": {"block_v": 256, "out_block_d": 256, "mm_num_stages": 2},
-    "mm_od256_s2": {"out_block_d": 256, "mm_num_stages": 2},
+    "prev": {"block_d": 64, "out_block_d": 128, "mm_num_stages": 3},
+    "bv256": {"block_v": 256, "out_block_d": 128},
+    "bv256_bd64": {"block_v": 256, "block_d": 64, "out_block_d": 128},
+    "od128": {"out_block_d": 128},
 }
 
 

@@ -24,14 +24,14 @@ class BlockConfig:
 
     block_n: int = 128
     block_v: int = 128
-    block_d: int = 64
-    out_block_d: int = 128
+    block_d: int = 128
+    out_block_d: int = 256
     chunk_v: int = 4096
     tail_chunk_v: int = 1024
     num_warps: int = 8
     num_stages: int = 3
     mm_num_warps: int = 8
-    mm_num_stages: int = 3
+    mm_num_stages: int = 2
     target_programs: int = 1024
 
 
@@ -49,7 +49,7 @@ def interpreting() -> bool:
 
 
 # fp32 tiles take twice the shared memory: thinner reduction steps and fewer stages.
-GPU_FP32_CONFIG = replace(GPU_CONFIG, block_d=32, out_block_d=64, mm_num_stages=2)
+GPU_FP32_CONFIG = replace(GPU_CONFIG, block_d=32, out_block_d=64)
 
 
 def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BlockConfig:

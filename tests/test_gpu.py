@@ -79,9 +79,11 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(lambda a, b, y: linear_cross_entropy(a, b, y), fullgraph=True)
     loss = compiled(e, c, t)
     got = (loss, *torch.autograd.grad(loss, (e, c)))
-    # Inductor fuses the small epilogue (mask, sum, divide): equal up to fp32 rounding.
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    # Inductor fuses the small epilogue (mask, sum, divide): the loss equal up to fp32 rounding,
+    # the bf16 gradients up to a last-bit flip of a few elements (the 1/count scale rounds
+    # differently), far below the kernels' own error.
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    assert rel_err(got[1], want[1]) < 1e-4 and rel_err(got[2], want[2]) < 1e-4
 
 
 def _leaves(e, c):

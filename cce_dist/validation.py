@@ -76,8 +76,12 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
     which needs no host sync: such a token's loss is NaN, so it cannot pass unnoticed. With
     ``CCE_DIST_CHECK_TARGETS=1`` a device-side assertion fires instead (asynchronously).
     """
-    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+
+    def out_of_range() -> torch.Tensor:
+        return ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+
     if targets.device.type == "cpu":
+        bad = out_of_range()
         if bool(bad.any()):
             first = targets[bad][0].item()
             raise ValueError(
@@ -85,4 +89,4 @@ def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int
                 f"found {first}"
             )
     elif os.environ.get(CHECK_TARGETS_ENV, "0") == "1":
-        torch._assert_async(~bad.any(), "cce_dist: a target is outside [0, vocab_size)")
+        torch._assert_async(~out_of_range().any(), "cce_dist: a target is outside [0, vocab_size)")

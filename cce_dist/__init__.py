@@ -13,7 +13,8 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     __path__.append(_root)
 
 from .loss import LinearCrossEntropy, linear_cross_entropy
+from .parallel import vocab_range
 from .validation import default_filter_eps
 
-__all__ = ["LinearCrossEntropy", "default_filter_eps", "linear_cross_entropy"]
+__all__ = ["LinearCrossEntropy", "default_filter_eps", "linear_cross_entropy", "vocab_range"]
 __version__ = "0.1.0"

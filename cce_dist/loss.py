@@ -8,9 +8,22 @@ import torch
 from torch import nn
 
 from cce_dist.kernels import BACKENDS, resolve_backend
-from cce_dist.parallel import LinearCrossEntropyFunction
+from cce_dist.parallel import LinearCrossEntropyFunction, shard_layout
+from cce_dist.parallel.consistency import report_local_error
 
 from .validation import check_inputs, check_target_range
+
+
+def _world_size(group, sequence_parallel: bool) -> int:
+    if group is None:
+        if sequence_parallel:
+            raise ValueError("sequence_parallel=True needs a group")
+        return 1
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialized")
+    return dist.get_world_size(group)
 
 
 def linear_cross_entropy(
@@ -49,30 +62,53 @@ def linear_cross_entropy(
             reference), ``"triton"`` or ``"reference"``.
 
     Returns:
-        The loss in fp32 (fp64 for fp64 inputs), differentiable in ``e`` and ``c``. A token whose
-        target lies outside [0, V) and is not ``ignore_index`` raises on the CPU and yields NaN
-        on CUDA (see ``cce_dist.validation.check_target_range``).
+        The loss in fp32 (fp64 for fp64 inputs), differentiable in ``e`` and ``c``, the same on
+        every rank of ``group``. A token whose target lies outside [0, V) and is not
+        ``ignore_index`` raises on the CPU and yields NaN on CUDA (see
+        ``cce_dist.validation.check_target_range``).
+
+    With a group, every rank must make the same call (same e rows, D, dtype, reduction,
+    ignore_index, filter_eps) with its own shard; the ranks check this against each other, once
+    per shape (every call with ``CCE_DIST_DEBUG=1``; see ``cce_dist.parallel.consistency``), and
+    a mismatch raises ``ValueError`` on every rank.
     """
-    eps = check_inputs(e, c, targets, reduction, filter_eps, backend, BACKENDS)
-    if group is not None or sequence_parallel:
-        raise NotImplementedError(
-            "group / sequence_parallel: the vocabulary-parallel path is not implemented yet; "
-            "pass group=None"
+    world = _world_size(group, sequence_parallel)
+    try:
+        eps = check_inputs(
+            e, c, targets, reduction, filter_eps, backend, BACKENDS,
+            gathered_rows=world if sequence_parallel else 1,
         )
-    if vocab_start not in (None, 0):
-        raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")
-    vocab_size = c.shape[0]
-    check_target_range(targets, vocab_size, ignore_index)
+        if vocab_start is not None and (
+            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+        ):
+            raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+    except (TypeError, ValueError):
+        if group is not None:
+            report_local_error(group)
+        raise
     d = e.shape[-1]
     e2 = e.reshape(-1, d)
     t1 = targets.reshape(-1)
+    if group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")
+        start, vocab_size = 0, c.shape[0]
+    else:
+        layout = shard_layout(
+            group, rows=e2.shape[0], d=d, shard_rows=c.shape[0], vocab_start=vocab_start,
+            dtype=e.dtype, reduction=reduction, ignore_index=ignore_index,
+            sequence_parallel=sequence_parallel, num_targets=t1.numel(), filter_eps=eps,
+        )
+        start, vocab_size = layout.vocab_start, layout.vocab_size
+    check_target_range(targets, vocab_size, ignore_index)
     # The kernels take a row-contiguous e and c; a copy here is rare and explicit.
     if e2.stride(-1) != 1:
         e2 = e2.contiguous()
     if c.stride(-1) != 1:
         c = c.contiguous()
     loss = LinearCrossEntropyFunction.apply(
-        e2, c, t1, ignore_index, reduction, eps, 0, vocab_size, resolve_backend(backend, e2)
+        e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
+        resolve_backend(backend, e2), group, sequence_parallel,
     )
     if reduction == "none":
         return loss.reshape(targets.shape)

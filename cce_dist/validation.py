@@ -25,8 +25,12 @@ def check_inputs(
     filter_eps: Union[str, float, None],
     backend: str,
     backends: tuple[str, ...],
+    gathered_rows: int = 1,
 ) -> Optional[float]:
-    """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved eps."""
+    """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved eps.
+
+    ``gathered_rows``: with sequence parallelism over w ranks, targets cover w times e's rows.
+    """
     for name, t in (("e", e), ("c", c), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -49,11 +53,16 @@ def check_inputs(
         )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if tuple(targets.shape) != tuple(e.shape[:-1]):
-        raise ValueError(
-            f"targets' shape {tuple(targets.shape)} must equal e's leading shape "
-            f"{tuple(e.shape[:-1])}"
+    lead = tuple(e.shape[:-1])
+    if gathered_rows > 1:
+        if not lead:
+            raise ValueError("with sequence_parallel, e must be (s_local, ..., D)")
+        lead = (lead[0] * gathered_rows, *lead[1:])
+    if tuple(targets.shape) != lead:
+        what = "e's leading shape" + (
+            f" with dim 0 gathered over {gathered_rows} ranks" if gathered_rows > 1 else ""
         )
+        raise ValueError(f"targets' shape {tuple(targets.shape)} must equal {what} {lead}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in backends:

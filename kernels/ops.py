@@ -85,18 +85,24 @@ def cce_backward(
     vocab_start: int,
     filter_eps: Optional[float],
     backend: str,
+    de_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial dE (N, D) and dC (V, D), in the input dtype, from the global LSE."""
+    """Partial dE (N, D) and dC (V, D) from the global LSE, in the input dtype (dE in fp32, or
+    fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding)."""
     if backend == "triton":
         from . import triton_backward
 
         return triton_backward.backward(
             e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            default_config(e.device, e.dtype),
+            default_config(e.device, e.dtype), de_fp32=de_fp32,
         )
-    return reference.backward(e, c, targets, lse, grad_scale, vocab_start, filter_eps)
+    return reference.backward(
+        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=de_fp32
+    )
 
 
 @cce_backward.register_fake
-def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend):
-    return torch.empty_like(e), torch.empty_like(c)
+def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+      de_fp32=False):
+    de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
+    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c)

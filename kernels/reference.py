@@ -57,13 +57,15 @@ def backward(
     vocab_start: int = 0,
     filter_eps: Optional[float] = None,
     chunk_size: int = DEFAULT_CHUNK,
+    de_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * (lse[n] - logit[n, t_n])`` in ``e`` and ``c``.
 
     ``lse`` is the LSE over the *whole* vocabulary (all shards); the softmax of this shard is
     ``exp(logits - lse)``. With ``filter_eps``, entries with ``|softmax - onehot| < filter_eps``
     are dropped (element-wise; the Triton kernels drop whole tiles). Returns ``(de, dc)`` in the
-    dtypes of ``e`` and ``c``; ``de`` is this shard's partial contribution.
+    dtypes of ``e`` and ``c`` (``de`` in the compute dtype with ``de_fp32``); ``de`` is this
+    shard's partial contribution.
     """
     cdt = _compute_dtype(e.dtype)
     v = c.shape[0]
@@ -85,4 +87,4 @@ def backward(
         g = g * scale[:, None]
         de += g @ cc
         dc[v0:v1] = (g.T @ ef).to(c.dtype)
-    return de.to(e.dtype), dc
+    return (de if de_fp32 else de.to(e.dtype)), dc

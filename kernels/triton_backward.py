@@ -183,12 +183,13 @@ def backward(
     filter_eps: Optional[float],
     tile_max: torch.Tensor,
     cfg: BlockConfig,
+    de_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
     fp32; tile_max: the forward's per-tile maxima (same ``cfg``). Returns ``(de, dc)`` in the
-    input dtype; ``de`` is this slice's partial contribution.
+    input dtype (``de`` in fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
     When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
     last rows (see :func:`workspace_split`): rows before the split get dE and dC contributions
@@ -199,7 +200,7 @@ def backward(
     v = c.shape[0]
     dc = torch.empty_like(c)
     if n == 0 or v == 0:
-        return torch.zeros_like(e), dc
+        return torch.zeros_like(e, dtype=torch.float32 if de_fp32 else e.dtype), dc
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
@@ -248,13 +249,14 @@ def backward(
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
         run_chunks(0, v, chunk, dl, de_acc, want_dc=True, want_de=True)
-        return de_acc.to(e.dtype), dc
+        return (de_acc if de_fp32 else de_acc.to(e.dtype)), dc
     raw = dc[split:].view(-1).view(torch.uint8)
     de_acc = raw[: n * d * 4].view(torch.float32).view(n, d)
     dl = raw[n * d * 4: n * d * 4 + n * chunk * dc.element_size()].view(dc.dtype).view(n, chunk)
     run_chunks(0, split, chunk, dl, de_acc, want_dc=True, want_de=True)
     run_chunks(split, v, chunk, dl, de_acc, want_dc=False, want_de=True)
-    de = de_acc.to(e.dtype, copy=True)  # a copy even for fp32: its storage is dC's
+    # A copy even for fp32: the accumulator's storage is dC's, about to be written.
+    de = de_acc.to(torch.float32 if de_fp32 else e.dtype, copy=True)
     tail_chunk = max(bv, cfg.tail_chunk_v // bv * bv)
     dl = torch.empty((n, min(tail_chunk, triton.cdiv(v - split, bv) * bv)), dtype=e.dtype,
                      device=e.device)

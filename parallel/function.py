@@ -1,7 +1,15 @@
-"""The autograd function that joins the CCE kernels into a loss.
+"""The autograd function that joins the CCE kernels and the collectives into a loss.
 
-Single device is the case ``group=None``. The vocabulary-parallel combine of partial LSEs and
-target logits, and the reduction of dE, slot in between the kernel calls here.
+Single device is the case ``group=None``: the same code with the collectives left out.
+With a group, ``c`` is this rank's contiguous vocabulary shard starting at global row
+``vocab_start``, and:
+
+* forward: one all-gather of the packed per-token [LSE, target logit] of every shard, combined
+  locally (``LSE = logsumexp_r LSE_r``, ``target = sum_r target_r``: exact), so every rank holds
+  the global LSE and returns the same loss;
+* backward: the kernels filter with the global LSE (every rank decides alike), return this
+  shard's ``dc`` and a partial ``de`` in fp32, which is all-reduced (or, with sequence
+  parallelism, reduce-scattered back to this rank's slice of the sequence) and cast once.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import torch
 
 from cce_dist.kernels import cce_backward, cce_forward
 
+from .collectives import all_gather_dim0, all_reduce_, reduce_scatter_dim0
+
 
 def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
@@ -19,16 +29,18 @@ def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> tor
     total = per_token.sum()
     if reduction == "sum":
         return total
-    # Mean over non-ignored tokens; all ignored gives 0 (and zero gradients), not NaN.
+    # Mean over non-ignored tokens; all ignored gives 0 (and zero gradients), not NaN. Every
+    # rank holds all targets, so the count needs no collective.
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """loss_n = LSE_n - logit_{n, t_n} over all vocabulary rows, reduced.
+    """loss_n = LSE_n - logit_{n, t_n} over all vocabulary rows (all shards), reduced.
 
-    Inputs: e (N, D), c (V, D) of one float dtype, targets (N,) integer. Output: fp32 (fp64 for
-    fp64 inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at
-    tokens whose target is outside [0, vocab_size) (no host sync needed to flag them).
+    Inputs: e (N, D) (with ``sequence_parallel``: this rank's (N / world, D) slice), c (V_r, D)
+    of the same float dtype, targets (N,) integer global ids. Output: fp32 (fp64 for fp64
+    inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at tokens
+    whose target is outside [0, vocab_size) (no host sync needed to flag them).
     """
 
     @staticmethod
@@ -43,25 +55,38 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         vocab_start: int,
         vocab_size: int,
         backend: str,
+        group=None,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
+        if group is not None and sequence_parallel:
+            e = all_gather_dim0(e, group)
         lse, target_logit, tile_max = cce_forward(e, c, targets, vocab_start, backend)
+        if group is not None:
+            stats = all_gather_dim0(torch.stack([lse, target_logit]), group)
+            stats = stats.view(-1, 2, lse.shape[0])
+            lse = torch.logsumexp(stats[:, 0], dim=0)
+            target_logit = stats[:, 1].sum(dim=0)
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab_size)
         per_token = torch.where(valid, lse - target_logit, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid)
-        ctx.config = (reduction, filter_eps, vocab_start, backend)
+        ctx.config = (reduction, filter_eps, vocab_start, backend, group, sequence_parallel)
         return _reduce(per_token, valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         e, c, targets, lse, tile_max, valid = ctx.saved_tensors
-        reduction, filter_eps, vocab_start, backend = ctx.config
+        reduction, filter_eps, vocab_start, backend, group, sequence_parallel = ctx.config
         grad_out = grad_out.to(lse.dtype)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
         grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0).contiguous()
         de, dc = cce_backward(
-            e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend
+            e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+            de_fp32=group is not None,
         )
-        return de, dc, None, None, None, None, None, None, None
+        if group is not None:
+            de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
+            de = de.to(e.dtype)
+        return de, dc, None, None, None, None, None, None, None, None, None

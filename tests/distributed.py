@@ -1,0 +1,34 @@
+"""Run a function on several real processes joined in a gloo process group (CPU)."""
+
+import os
+import tempfile
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, init_file, backend, fn, args):
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
+    """``fn(rank, world, *args)`` on ``world`` spawned processes; any rank's exception fails.
+    With ``backend="nccl"`` rank r uses GPU r."""
+    fd, init_file = tempfile.mkstemp(prefix="cce_dist_pg_")
+    os.close(fd)
+    os.unlink(init_file)
+    try:
+        mp.spawn(_entry, args=(world, init_file, backend, fn, args), nprocs=world, join=True)
+    finally:
+        if os.path.exists(init_file):
+            os.unlink(init_file)

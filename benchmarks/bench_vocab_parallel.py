@@ -1,0 +1,125 @@
+"""Vocabulary-parallel loss: cce-dist against Megatron-Core's vocab_parallel_cross_entropy.
+
+Launch one process per GPU: ``torchrun --nproc_per_node=TP benchmarks/bench_vocab_parallel.py``.
+Every rank holds all N tokens and V/TP rows of C (the even split of ``cce_dist.vocab_range``).
+Megatron's path materializes the local logits (N x V/TP), calls
+``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` and all-reduces dE (what its
+ColumnParallelLinear backward does). Timing uses a fixed number of iterations on every rank
+(so the collectives stay matched), CUDA events, the median of ``--iters``; peak memory is rank
+0's largest extra allocation during fw+bw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cce_dist import linear_cross_entropy, vocab_range
+from cce_dist.testing import make_inputs
+
+
+class _AllReduceGrad(torch.autograd.Function):
+    """Identity forward, all-reduce of the gradient backward (Megatron's copy-to-TP-region)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def megatron_loss(group):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    def loss(e, c, t):
+        logits = _AllReduceGrad.apply(e, group) @ c.T
+        return vocab_parallel_cross_entropy(logits.float()[None], t[None]).mean()
+
+    return loss
+
+
+def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        torch.autograd.grad(fn(e, c, t), (e, c))
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.autograd.grad(fn(e, c, t), (e, c))
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad(fn(e, c, t), (e, c))
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del grads
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="8192x4096x128256,8192x2304x256000")
+    p.add_argument("--regimes", default="lm,dense,spread")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default="")
+    args = p.parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    methods = {
+        "cce-dist": lambda e, c, t: linear_cross_entropy(e, c, t, group=group),
+        "cce-dist exact": lambda e, c, t: linear_cross_entropy(e, c, t, group=group,
+                                                               filter_eps=None),
+    }
+    try:
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+        methods["Megatron CE"] = megatron_loss(parallel_state.get_tensor_model_parallel_group())
+    except ImportError as err:
+        if rank == 0:
+            print(f"# megatron-core not available: {err}")
+    rows = []
+    for shape in args.shapes.split(","):
+        n, d, v = map(int, shape.split("x"))
+        lo, hi = vocab_range(v, rank, world)
+        for regime in args.regimes.split(","):
+            e, c_full, t = make_inputs(regime, n, d, v, device="cuda", seed=0)
+            c = c_full[lo:hi].clone()
+            del c_full
+            e.requires_grad_(), c.requires_grad_()
+            for name, fn in methods.items():
+                ms, peak = time_fw_bw(fn, e, c, t, args.warmup, args.iters)
+                row = dict(shape=shape, regime=regime, tp=world, method=name, fwbw_ms=ms,
+                           peak_mb=peak)
+                rows.append(row)
+                if rank == 0:
+                    print(f"{shape:>18} {regime:>7} tp={world} {name:>15} {ms:8.2f} ms "
+                          f"{peak:8.0f} MB", flush=True)
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The main job: train the same GPT twice, with cce-dist's loss and with the materialized one,
+same seed and data order, then compare: a table and a PNG plot of both loss curves.
+
+    python launch/compare.py [--nproc 2] [train.py options, e.g. --steps 200]
+
+Each run is its own ``torchrun --nproc-per-node NPROC launch/train.py --loss ...`` (so each
+run's peak memory is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_training(loss: str, nproc: int, train_args: list[str], out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(29500 + os.getpid() % 500), str(HERE / "train.py"),
+           "--loss", loss, "--out", str(out), *train_args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads((out / f"metrics_{loss}.json").read_text())
+
+
+def compare(runs: dict[str, dict]) -> dict:
+    a, b = runs["cce"]["losses"], runs["materialized"]["losses"]
+    gaps = [abs(x - y) for x, y in zip(a, b)]
+    return {"max_gap": max(gaps), "final_gap": gaps[-1], "steps": len(gaps)}
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, style in (("materialized", "-"), ("cce", "--")):
+        losses = runs[name]["losses"]
+        ax.plot(range(1, len(losses) + 1), losses, style, label=f"{name} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"GPT, vocabulary {runs['cce']['vocab_size']:,} sharded over "
+                 f"{runs['cce']['world']} ranks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) per run")
+    p.add_argument("--out", default="out")
+    args, train_args = p.parse_known_args()
+    out = Path(args.out)
+    runs = {loss: run_training(loss, args.nproc, train_args, out)
+            for loss in ("cce", "materialized")}
+    result = compare(runs)
+    plot(runs, out / "loss_curves.png")
+    kind = runs["cce"]["memory_kind"]
+    print(f"\n{'loss':>13} {'final loss':>11} {'tokens/s':>10} {'peak MB':>9}   ({kind}, rank 0)")
+    for name in ("cce", "materialized"):
+        r = runs[name]
+        print(f"{name:>13} {r['losses'][-1]:11.4f} {r['tokens_per_s']:10,.0f} "
+              f"{r['peak_mb']:9,.0f}")
+    print(f"largest gap between the curves over {result['steps']} steps: "
+          f"{result['max_gap']:.2e} (final {result['final_gap']:.2e})")
+    print(f"plot: {out / 'loss_curves.png'}")
+    (out / "comparison.json").write_text(json.dumps({**result, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,11 +64,13 @@ def main() -> None:
     result = compare(runs)
     plot(runs, out / "loss_curves.png")
     kind = runs["cce"]["memory_kind"]
-    print(f"\n{'loss':>13} {'final loss':>11} {'tokens/s':>10} {'peak MB':>9}   ({kind}, rank 0)")
+    loss_mem = runs["cce"].get("loss_peak_mb") is not None
+    print(f"\n{'loss':>13} {'final loss':>11} {'tokens/s':>10} {'peak MB':>9}"
+          + (f" {'loss MB':>9}" if loss_mem else "") + f"   (peak: {kind}, rank 0)")
     for name in ("cce", "materialized"):
         r = runs[name]
         print(f"{name:>13} {r['losses'][-1]:11.4f} {r['tokens_per_s']:10,.0f} "
-              f"{r['peak_mb']:9,.0f}")
+              f"{r['peak_mb']:9,.0f}" + (f" {r['loss_peak_mb']:9,.0f}" if loss_mem else ""))
     print(f"largest gap between the curves over {result['steps']} steps: "
           f"{result['max_gap']:.2e} (final {result['final_gap']:.2e})")
     print(f"plot: {out / 'loss_curves.png'}")

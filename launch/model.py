@@ -83,7 +83,10 @@ class ShardedHeadGPT(nn.Module):
         return self.norm(self.blocks(x, mask=self.mask[:s, :s], is_causal=True))
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-        h = self.hidden(tokens)
+        return self.head_loss(self.hidden(tokens), targets, kind)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+        """Mean cross-entropy of the output layer on hidden states h (batch, seq, d_model)."""
         if kind == "cce":
             return linear_cross_entropy(h, self.head, targets, group=self.group)
         h = _CopyToGroup.apply(h.reshape(-1, h.shape[-1]), self.group)

@@ -191,8 +191,20 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
             log(f"resumed from {ckpt}")
     tokens_per_step = args.batch * args.seq_len
     start = time.perf_counter()
+    loss_peak_mb = None
     for step in range(first, args.steps):
         x, y = batch(tokens, step, args, device)
+        measure = device.type == "cuda" and step == first
+        if measure:  # the loss's own fw+bw peak, above what the step already holds
+            h = model.hidden(x).detach().requires_grad_()
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            model.head_loss(h, y, args.loss).backward()
+            torch.cuda.synchronize()
+            loss_peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            del h
+            opt.zero_grad(set_to_none=True)
         loss = model.loss(x, y, args.loss)
         loss.backward()
         opt.step()
@@ -208,7 +220,8 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         metrics = {
             "loss_kind": args.loss, "world": world, "device": device.type, "losses": losses,
             "tokens_per_s": (args.steps - first) * tokens_per_step / max(elapsed, 1e-9),
-            "peak_mb": memory_mb(device), "vocab_size": args.vocab_size,
+            "peak_mb": memory_mb(device), "loss_peak_mb": loss_peak_mb,
+            "vocab_size": args.vocab_size,
             "memory_kind": "GPU allocator peak" if device.type == "cuda" else "process peak RSS",
         }
         (out / f"metrics_{args.loss}.json").write_text(json.dumps(metrics))

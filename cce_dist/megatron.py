@@ -15,6 +15,7 @@ output layer. ``parallel_output=False`` and an output-layer bias are refused at 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Union
 
 import torch
@@ -77,3 +78,12 @@ class CCEGPTModel(GPTModel):
             sequence_parallel=bool(self.output_layer.sequence_parallel) and not single,
         )
         return loss.transpose(0, 1).contiguous()
+
+
+def cpu_shims() -> None:
+    """Let Megatron-Core run on the CPU over gloo (tests, examples): it asks for the current
+    CUDA device and forks the CUDA RNG tracker, neither of which exists without a GPU."""
+    torch.cuda.current_device = lambda: "cpu"
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()

@@ -11,7 +11,6 @@ over gloo on the CPU with two small shims (Megatron-Core assumes a CUDA device).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,14 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus import corpus_files, read_text  # noqa: E402
 from tokenizer import train_or_load  # noqa: E402
-
-
-def cpu_shims() -> None:
-    """Megatron-Core on CPU + gloo: no CUDA device, no CUDA RNG tracker."""
-    torch.cuda.current_device = lambda: "cpu"
-    from megatron.core.tensor_parallel import random as megatron_random
-
-    megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
 def main() -> None:
@@ -52,6 +43,8 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
+        from cce_dist.megatron import cpu_shims
+
         cpu_shims()
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec

@@ -1,6 +1,7 @@
 """Run a function on several real processes joined in a gloo process group (CPU)."""
 
 import os
+import socket
 import tempfile
 
 import torch.distributed as dist
@@ -32,3 +33,10 @@ def run_ranks(world: int, fn, *args, backend: str = "gloo") -> None:
     finally:
         if os.path.exists(init_file):
             os.unlink(init_file)
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

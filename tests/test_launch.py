@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 SMALL = ["--vocab-size", "600", "--d-model", "32", "--layers", "1", "--heads", "2",
          "--seq-len", "16", "--batch", "4",
          "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp_path):
@@ -33,7 +28,7 @@ def _env(tmp_path):
 
 def _torchrun(tmp_path, *args, nproc=2, **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_port()), TRAIN, *args]
+           "--master-port", str(free_port()), TRAIN, *args]
     return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300,
                           **kw)
 
@@ -70,7 +65,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_two_node_rendezvous_on_localhost(tmp_path):
-    port = _port()
+    port = free_port()
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
@@ -89,7 +84,7 @@ def test_two_node_rendezvous_on_localhost(tmp_path):
 def test_a_killed_rank_stops_the_job(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(_port()), TRAIN, "--steps", "100000", "--out", str(out),
+           "--master-port", str(free_port()), TRAIN, "--steps", "100000", "--out", str(out),
            "--timeout", "30", *SMALL]
     job = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

@@ -1,24 +1,14 @@
 """CCEGPTModel against Megatron-Core's own GPTModel: TP=2 over gloo on the CPU."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core")
 
-from distributed import run_ranks  # noqa: E402
+from distributed import free_port, run_ranks  # noqa: E402
 
 SEQ, BATCH, VOCAB, PADDED = 16, 2, 250, 256  # Megatron pads the vocabulary to 128 * tp
-
-
-def _cpu_shims():
-    """Megatron-Core on CPU + gloo: no CUDA device, no CUDA RNG tracker."""
-    torch.cuda.current_device = lambda: "cpu"
-    from megatron.core.tensor_parallel import random as megatron_random
-
-    megatron_random.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
 
 
 def _models(tied, sequence_parallel=False):
@@ -56,7 +46,9 @@ def _rel(a, b):
 
 
 def _parity_worker(rank, world):
-    _cpu_shims()
+    from cce_dist.megatron import cpu_shims
+
+    cpu_shims()
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
@@ -110,7 +102,6 @@ def test_megatron_example_trains_the_same_curve(tmp_path):
     """launch/megatron_gpt.py under torchrun, CCE head against Megatron's own loss."""
     import os
     import re
-    import socket
     import subprocess
     import sys
     import sysconfig
@@ -121,12 +112,9 @@ def test_megatron_example_trains_the_same_curve(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     curves = {}
     for loss in ("cce", "native"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-             "--master-port", str(port), str(root / "launch" / "megatron_gpt.py"),
+             "--master-port", str(free_port()), str(root / "launch" / "megatron_gpt.py"),
              "--steps", "4", "--loss", loss, "--vocab-size", "600", "--hidden", "32",
              "--seq-len", "16", "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
             env=env, capture_output=True, text=True, timeout=300)

@@ -17,4 +17,4 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # triton 3.9 + numpy 2.4 run the interpreter correctly; GPU hosts keep the triton torch wants.
 python -c "import triton" 2>/dev/null || pip_install "triton==3.9.0"
-pip_install -e ".[test,megatron]"
+pip_install -e ".[test,megatron,deepspeed]"

@@ -1,0 +1,233 @@
+"""DeepSpeed: a vocabulary-parallel CCE head, the model-parallel unit, and a converter.
+
+* :class:`VocabParallelCCEHead` owns its rank's rows of the output layer and computes the loss in
+  its own ``forward(hidden, labels)``. Under ZeRO-3 DeepSpeed gathers a module's parameters for
+  its forward only, so a head that holds its shard and computes the loss inside that forward is
+  ZeRO-3-safe by construction. Its parameters carry ``tensor_model_parallel`` (DeepSpeed then
+  counts them on every TP rank in the gradient norm) and are not ``nn.Linear`` (AutoTP leaves
+  them alone).
+* :func:`make_mpu` builds the model-parallel unit ``deepspeed.initialize(mpu=...)`` needs.
+  It is mandatory: without it DeepSpeed treats every rank as data-parallel, broadcasts rank 0's
+  shard over the others at initialisation and averages the shards' gradients across the
+  tensor-parallel ranks, silently training one wrong shard everywhere. The head detects that at
+  its first forward (the shards of the TP ranks have become identical) and raises.
+* :func:`convert_lm_head` swaps a model's ``nn.Linear`` head for the CCE head and returns a
+  module that computes the loss inside its forward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .loss import linear_cross_entropy
+from .parallel import vocab_range
+from .parallel.collectives import all_gather_dim0, group_device
+
+TP_ATTRS = {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 1}
+
+
+def _rank_world(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class VocabParallelCCEHead(nn.Module):
+    """Rows ``vocab_range(vocab_size, rank, world)`` of a (vocab_size, hidden_size) output layer.
+
+    ``forward(hidden (..., hidden_size), labels (...))`` returns the loss of
+    ``linear_cross_entropy`` (mean over non-ignored tokens by default), the same on every rank
+    of ``group``. A bias is supported by folding it into the product (one column more).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        group=None,
+        bias: bool = False,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        filter_eps: Union[str, float, None] = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        rank, world = _rank_world(group)
+        if vocab_size < world:
+            raise ValueError(f"vocab_size ({vocab_size}) must be >= the group size ({world})")
+        self.group, self.vocab_size = group, vocab_size
+        self.vocab_start, end = vocab_range(vocab_size, rank, world)
+        self.ignore_index, self.reduction, self.filter_eps = ignore_index, reduction, filter_eps
+        rows = end - self.vocab_start
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(rows, device=device, dtype=dtype))
+        for p in self.parameters():
+            for k, v in TP_ATTRS.items():
+                setattr(p, k, v)
+        self._shards_checked = world == 1
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group=None, **kwargs) -> "VocabParallelCCEHead":
+        """This rank's rows of an existing ``nn.Linear(hidden, vocab)`` head (even split)."""
+        vocab, hidden = linear.weight.shape
+        head = cls(vocab, hidden, group=group, bias=linear.bias is not None,
+                   device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        lo, hi = head.vocab_start, head.vocab_start + head.weight.shape[0]
+        with torch.no_grad():
+            head.weight.copy_(linear.weight[lo:hi])
+            if linear.bias is not None:
+                head.bias.copy_(linear.bias[lo:hi])
+        return head
+
+    def _check_shards_differ(self) -> None:
+        """Identical shards on two TP ranks mean DeepSpeed broadcast one over the others."""
+        w = self.weight.detach().double()
+        stats = torch.stack([w.sum(), (w * w).sum(), w[: min(4, w.shape[0])].sum()])
+        world = dist.get_world_size(self.group)
+        table = all_gather_dim0(stats.to(group_device(self.group))[None], self.group)
+        rows = [tuple(r) for r in table.tolist()]
+        if len(set(rows)) < world:
+            raise RuntimeError(
+                "VocabParallelCCEHead: the vocabulary shards of two tensor-parallel ranks are "
+                "identical, so DeepSpeed broadcast one rank's shard over the others (and would "
+                "average their gradients). Pass mpu=cce_dist.deepspeed.make_mpu(tp_size) to "
+                "deepspeed.initialize."
+            )
+        self._shards_checked = True
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self._shards_checked:
+            self._check_shards_differ()
+        weight = self.weight
+        if self.bias is not None:  # [h, 1] . [w, b] = h . w + b
+            hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
+            weight = torch.cat([weight, self.bias[:, None]], dim=1)
+        return linear_cross_entropy(
+            hidden, weight, labels, ignore_index=self.ignore_index, reduction=self.reduction,
+            filter_eps=self.filter_eps, vocab_start=self.vocab_start if self.group else None,
+            group=self.group,
+        )
+
+
+class ModelParallelUnit:
+    """Megatron-style getters over contiguous TP groups and strided DP groups:
+    with world W and TP size t, TP group k is ranks [k t, (k+1) t) and DP group j is
+    ranks j, j + t, j + 2t, ..."""
+
+    def __init__(self, tensor_parallel_size: int) -> None:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        t = tensor_parallel_size
+        if t < 1 or world % t:
+            raise ValueError(f"tensor_parallel_size ({t}) must divide the world size ({world})")
+        self._tp_size, self._dp_size = t, world // t
+        for k in range(world // t):  # every rank creates every group, in the same order
+            ranks = list(range(k * t, (k + 1) * t))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                self._tp, self._tp_ranks = g, ranks
+        for j in range(t):
+            ranks = list(range(j, world, t))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                self._dp, self._dp_ranks = g, ranks
+
+    def get_tensor_model_parallel_group(self):
+        return self._tp
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return dist.get_rank(self._tp)
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._tp_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._tp_ranks[0]
+
+    get_model_parallel_group = get_tensor_model_parallel_group
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_rank(self) -> int:
+        return dist.get_rank(self._dp)
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._dp_size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self._dp_ranks)
+
+
+def make_mpu(tensor_parallel_size: int) -> ModelParallelUnit:
+    """The ``mpu`` for ``deepspeed.initialize``: call on every rank after the process group
+    exists; pass ``mpu.get_tensor_model_parallel_group()`` as the head's ``group``."""
+    return ModelParallelUnit(tensor_parallel_size)
+
+
+class _PassHidden(nn.Module):
+    """Stands in for the replaced head: hands the hidden states through as the 'logits'."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class CCELossModel(nn.Module):
+    """A model whose ``nn.Linear`` head became a :class:`VocabParallelCCEHead`.
+
+    ``forward(*args, labels=..., **kwargs)`` runs the wrapped model (its head now passes the
+    hidden states through) and returns the CCE loss. With ``shift_labels`` (causal LMs, as in
+    Hugging Face), position t predicts label t + 1.
+    """
+
+    def __init__(self, model: nn.Module, head: VocabParallelCCEHead, shift_labels: bool) -> None:
+        super().__init__()
+        self.model, self.head, self.shift_labels = model, head, shift_labels
+
+    def forward(self, *args, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.model(*args, **kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else (
+            out.logits if hasattr(out, "logits") else out[0])
+        if self.shift_labels:
+            hidden, labels = hidden[..., :-1, :], labels[..., 1:]
+        return self.head(hidden.contiguous(), labels.contiguous())
+
+
+def convert_lm_head(
+    model: nn.Module,
+    *,
+    group=None,
+    head_attr: str = "lm_head",
+    untie: bool = False,
+    shift_labels: bool = True,
+    **head_kwargs,
+) -> CCELossModel:
+    """Replace ``model.<head_attr>`` (an ``nn.Linear``) by this rank's CCE head shard.
+
+    A head whose weight is shared with another parameter (tied embeddings) is refused with a
+    ``ValueError`` unless ``untie=True``, which gives the head its own copy (the embedding keeps
+    its weight; from then on they train apart). Returns the :class:`CCELossModel` to train.
+    """
+    linear = getattr(model, head_attr, None)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"model.{head_attr} must be an nn.Linear, got {type(linear).__name__}")
+    shared = [name for name, p in model.named_parameters(remove_duplicate=False)
+              if p is linear.weight and not name.startswith(f"{head_attr}.")]
+    if shared and not untie:
+        raise ValueError(
+            f"model.{head_attr}.weight is tied to {shared[0]}: a vocabulary-parallel head cannot "
+            f"share it; pass untie=True to give the head its own copy, or keep the tied head"
+        )
+    head = VocabParallelCCEHead.from_linear(linear, group=group, **head_kwargs)
+    setattr(model, head_attr, _PassHidden())
+    return CCELossModel(model, head, shift_labels)

@@ -1,0 +1,106 @@
+"""Example: a causal LM trained with deepspeed.initialize and cce-dist's vocabulary-parallel head.
+
+    torchrun --nproc-per-node 2 launch/deepspeed_train.py --tp 2 --zero 2 --steps 20
+    deepspeed --num_gpus 2 launch/deepspeed_train.py --tp 2 --zero 3      # the DeepSpeed launcher
+
+The model's ``lm_head`` (an ``nn.Linear``) is swapped for this rank's shard of a
+``VocabParallelCCEHead`` by ``convert_lm_head``, and ``make_mpu`` gives DeepSpeed the
+tensor-/data-parallel layout (mandatory: see ``cce_dist.deepspeed``). Data: the embedded corpus
+of launch/train.py. On a machine without GPUs: ``DS_ACCELERATOR=cpu`` over gloo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import corpus_files, read_text  # noqa: E402
+from tokenizer import train_or_load  # noqa: E402
+
+
+class SmallLM(nn.Module):
+    """Embedding, a few transformer blocks, and an ``nn.Linear`` head, Hugging Face style."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        s = tokens.shape[1]
+        x = self.embed(tokens) + self.pos.weight[:s]
+        return self.lm_head(self.blocks(x, mask=self.mask[:s, :s], is_causal=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size (divides world)")
+    p.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank")
+    p.add_argument("--data", nargs="*", default=[])
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args = p.parse_args()
+
+    import deepspeed
+
+    from cce_dist.deepspeed import convert_lm_head, make_mpu
+
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    mpu = make_mpu(args.tp)
+    files = corpus_files(args.data)
+    texts = read_text(files)
+    if dist.get_rank() == 0:
+        train_or_load(files, texts, args.vocab_size)
+    dist.barrier()
+    tok = train_or_load(files, texts, args.vocab_size)
+    ids = torch.tensor([i for enc in tok.encode_batch(texts) for i in enc.ids])
+
+    torch.manual_seed(0)
+    model = SmallLM(args.vocab_size, args.d_model, 2, 4, args.seq_len)
+    model = convert_lm_head(model, group=mpu.get_tensor_model_parallel_group())
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": args.zero, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=config,
+        mpu=mpu)
+    device = engine.device
+    dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(step * dp + dp_rank)  # each DP rank its own data
+        starts = torch.randint(0, ids.numel() - args.seq_len - 1, (args.batch,), generator=g)
+        chunk = ids[starts[:, None] + torch.arange(args.seq_len)].to(device)
+        loss = engine(chunk, labels=chunk)  # the head shifts the labels (causal LM)
+        engine.backward(loss)
+        engine.step()
+        if dist.get_rank() == 0:
+            print(f"step {step + 1}/{args.steps} zero {args.zero} tp {args.tp} dp {dp} "
+                  f"loss {loss.item():.4f}", flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""VocabParallelCCEHead under deepspeed.initialize on the CPU (gloo, DS_ACCELERATOR=cpu):
+TP=2 and TP=2 x DP=2, ZeRO stages 0-3, against a single-process nn.Linear + F.cross_entropy."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("deepspeed")
+
+from distributed import free_port, run_ranks  # noqa: E402
+
+V, D, SEQ, BATCH, STEPS, LR = 50, 16, 6, 4, 3, 0.5
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.body = nn.Linear(D, D)
+        self.lm_head = nn.Linear(D, V, bias=False)
+
+    def forward(self, tokens):
+        return self.lm_head(torch.tanh(self.body(self.embed(tokens))))
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, V, (BATCH, SEQ), generator=g), torch.randint(0, V, (BATCH, SEQ),
+                                                                          generator=g)
+
+
+def _reference():
+    """Loss per step and final parameters of plain single-process training (SGD)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        tokens, labels = _data(step)
+        loss = F.cross_entropy(model(tokens)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ds_env(world, rank):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+
+
+def _worker(rank, world, tp, tmpdir):
+    import deepspeed
+
+    from cce_dist.deepspeed import convert_lm_head, make_mpu
+
+    _ds_env(world, rank)
+    mpu = make_mpu(tp)
+    dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+    ref_losses, ref_state = _reference()
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = convert_lm_head(TinyLM(), group=mpu.get_tensor_model_parallel_group())
+        lo = model.head.vocab_start
+        hi = lo + model.head.weight.shape[0]
+        config = {
+            "train_micro_batch_size_per_gpu": BATCH // dp, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config,
+            mpu=mpu)
+        for step in range(STEPS):
+            tokens, labels = _data(step)
+            rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+            loss = engine(tokens[rows], labels=labels[rows])
+            engine.backward(loss)
+            engine.step()
+            mean = loss.detach().clone()
+            dist.all_reduce(mean, group=mpu.get_data_parallel_group())
+            assert abs(mean.item() / dp - ref_losses[step]) < 1e-5, (stage, step)
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            for name in ("embed.weight", "body.weight", "body.bias"):
+                got = params[f"model.{name}"].detach()
+                assert torch.allclose(got, ref_state[name], atol=1e-5), (stage, name)
+            got = params["head.weight"].detach()
+            assert torch.allclose(got, ref_state["lm_head.weight"][lo:hi], atol=1e-5), stage
+        if stage == 2:  # checkpoint round trip of the sharded head
+            engine.save_checkpoint(tmpdir, tag="t")
+            saved = params["head.weight"].detach().clone()
+            with torch.no_grad():
+                params["head.weight"].zero_()
+            engine.load_checkpoint(tmpdir, tag="t")
+            assert torch.equal(dict(engine.module.named_parameters())["head.weight"], saved)
+        engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def _no_mpu_worker(rank, world):
+    import deepspeed
+
+    from cce_dist.deepspeed import convert_lm_head
+
+    _ds_env(world, rank)
+    torch.manual_seed(0)
+    model = convert_lm_head(TinyLM(), group=dist.group.WORLD)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        config={"train_micro_batch_size_per_gpu": BATCH, "zero_allow_untested_optimizer": True})
+    tokens, labels = _data(0)
+    with pytest.raises(RuntimeError, match="make_mpu"):
+        engine(tokens, labels=labels)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_deepspeed(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions")))
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])
+def test_head_matches_single_process_reference(world, tp, tmp_path):
+    run_ranks(world, _worker, tp, str(tmp_path))
+
+
+def test_missing_mpu_is_caught_at_the_first_step():
+    run_ranks(2, _no_mpu_worker)
+
+
+def test_tied_head_is_refused_or_untied():
+    from cce_dist.deepspeed import convert_lm_head
+
+    model = TinyLM()
+    model.lm_head.weight = model.embed.weight  # tied
+    with pytest.raises(ValueError, match="tied to embed.weight"):
+        convert_lm_head(model)
+    wrapped = convert_lm_head(model, untie=True)
+    assert wrapped.head.weight.data_ptr() != model.embed.weight.data_ptr()
+    assert torch.equal(wrapped.head.weight, model.embed.weight)
+
+
+def test_deepspeed_example_runs_under_torchrun(tmp_path):
+    import re
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CCE_DIST_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), str(root / "launch" / "deepspeed_train.py"),
+         "--steps", "3", "--zero", "2", "--vocab-size", "600", "--d-model", "32",
+         "--seq-len", "16", "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses), run.stdout[-2000:]

@@ -100,6 +100,9 @@ def main() -> None:
             print(f"step {step + 1}/{args.steps} zero {args.zero} tp {args.tp} dp {dp} "
                   f"loss {loss.item():.4f}", flush=True)
     dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip teardown: see exit_cleanly in launch/train.py
 
 
 if __name__ == "__main__":

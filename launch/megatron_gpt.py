@@ -97,6 +97,8 @@ def main() -> None:
     parallel_state.destroy_model_parallel()
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip teardown: see exit_cleanly in launch/train.py
 
 
 if __name__ == "__main__":

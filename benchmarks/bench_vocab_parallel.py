@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,27 +25,15 @@ import torch.nn.functional as F
 from cce_dist import linear_cross_entropy, vocab_range
 from cce_dist.testing import make_inputs
 
-
-class _AllReduceGrad(torch.autograd.Function):
-    """Identity forward, all-reduce of the gradient backward (Megatron's copy-to-TP-region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from model import CopyToGroup  # noqa: E402  (identity forward, all-reduced gradient)
 
 
 def megatron_loss(group):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     def loss(e, c, t):
-        logits = _AllReduceGrad.apply(e, group) @ c.T
+        logits = CopyToGroup.apply(e, group) @ c.T
         return vocab_parallel_cross_entropy(logits.float()[None], t[None]).mean()
 
     return loss

@@ -22,8 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import corpus_files, read_text  # noqa: E402
-from tokenizer import train_or_load  # noqa: E402
+from tokenizer import corpus_token_ids  # noqa: E402
 
 
 class SmallLM(nn.Module):
@@ -68,13 +67,7 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     mpu = make_mpu(args.tp)
-    files = corpus_files(args.data)
-    texts = read_text(files)
-    if dist.get_rank() == 0:
-        train_or_load(files, texts, args.vocab_size)
-    dist.barrier()
-    tok = train_or_load(files, texts, args.vocab_size)
-    ids = torch.tensor([i for enc in tok.encode_batch(texts) for i in enc.ids])
+    ids = corpus_token_ids(args.data, args.vocab_size)
 
     torch.manual_seed(0)
     model = SmallLM(args.vocab_size, args.d_model, 2, 4, args.seq_len)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import corpus_files, read_text  # noqa: E402
-from tokenizer import train_or_load  # noqa: E402
+from tokenizer import corpus_token_ids  # noqa: E402
 
 
 def main() -> None:
@@ -59,13 +58,7 @@ def main() -> None:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(0)
-    files = corpus_files(args.data)
-    texts = read_text(files)
-    if dist.get_rank() == 0:
-        train_or_load(files, texts, args.vocab_size)
-    dist.barrier()
-    tok = train_or_load(files, texts, args.vocab_size)
-    ids = torch.tensor([i for enc in tok.encode_batch(texts) for i in enc.ids])
+    ids = corpus_token_ids(args.data, args.vocab_size)
     padded = -(-args.vocab_size // (128 * tp)) * 128 * tp  # Megatron pads to 128 * tp
 
     torch.manual_seed(0)

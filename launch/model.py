@@ -21,7 +21,7 @@ from cce_dist import linear_cross_entropy, vocab_range
 LOSSES = ("cce", "materialized")
 
 
-class _CopyToGroup(torch.autograd.Function):
+class CopyToGroup(torch.autograd.Function):
     """Identity forward; the gradient summed over the group backward."""
 
     @staticmethod
@@ -89,6 +89,6 @@ class ShardedHeadGPT(nn.Module):
         """Mean cross-entropy of the output layer on hidden states h (batch, seq, d_model)."""
         if kind == "cce":
             return linear_cross_entropy(h, self.head, targets, group=self.group)
-        h = _CopyToGroup.apply(h.reshape(-1, h.shape[-1]), self.group)
+        h = CopyToGroup.apply(h.reshape(-1, h.shape[-1]), self.group)
         logits = _GatherVocab.apply(h @ self.head.T, self.group, self.sizes)
         return F.cross_entropy(logits.float(), targets.reshape(-1))

@@ -6,7 +6,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from corpus import corpus_files, read_text
 
 
 def cache_dir() -> Path:
@@ -39,3 +43,20 @@ def train_or_load(files: list[Path], texts: list[str], vocab_size: int) -> Token
     tok.save(str(tmp))
     os.replace(tmp, path)  # atomic: a concurrent reader sees all or nothing
     return tok
+
+
+def corpus_token_ids(paths: list[str], vocab_size: int) -> torch.Tensor:
+    """All token ids of the corpus (``paths``, or the default one), as one int64 tensor.
+
+    Under torch.distributed, rank 0 trains (or loads) and caches the tokenizer first and the
+    other ranks load the cached file, so it is trained once.
+    """
+    files = corpus_files(paths)
+    texts = read_text(files)
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        train_or_load(files, texts, vocab_size)
+    if distributed:
+        dist.barrier()
+    tok = train_or_load(files, texts, vocab_size)
+    return torch.tensor([i for enc in tok.encode_batch(texts) for i in enc.ids], dtype=torch.long)

@@ -27,9 +27,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import corpus_files, read_text  # noqa: E402
+from corpus import corpus_files  # noqa: E402
 from model import LOSSES, ShardedHeadGPT  # noqa: E402
-from tokenizer import train_or_load  # noqa: E402
+from tokenizer import corpus_token_ids  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,17 +78,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_tokens(args, rank: int, device) -> torch.Tensor:
-    files = corpus_files(args.data)
-    texts = read_text(files)
-    if rank == 0:  # trains (or loads) and caches; the others then load the cached file
-        train_or_load(files, texts, args.vocab_size)
-    dist.barrier()
-    tok = train_or_load(files, texts, args.vocab_size)
-    ids = [i for enc in tok.encode_batch(texts) for i in enc.ids]
-    if len(ids) <= args.seq_len + 1:
-        raise SystemExit(f"--data holds {len(ids)} tokens, fewer than --seq-len + 2")
-    return torch.tensor(ids, dtype=torch.long)
+def load_tokens(args) -> torch.Tensor:
+    ids = corpus_token_ids(args.data, args.vocab_size)
+    if ids.numel() <= args.seq_len + 1:
+        raise SystemExit(f"--data holds {ids.numel()} tokens, fewer than --seq-len + 2")
+    return ids
 
 
 def batch(tokens: torch.Tensor, step: int, args, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +175,7 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "pids").mkdir(exist_ok=True)
     (out / "pids" / f"{args.loss}_rank{rank}").write_text(str(os.getpid()))
-    tokens = load_tokens(args, rank, device)
+    tokens = load_tokens(args)
     torch.manual_seed(args.seed)
     model = ShardedHeadGPT(args.vocab_size, args.d_model, args.layers, args.heads, args.seq_len,
                            dist.group.WORLD).to(device)

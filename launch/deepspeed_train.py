@@ -22,27 +22,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import exit_cleanly, token_windows  # noqa: E402
+from model import GPTBody  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
 
 
 class SmallLM(nn.Module):
-    """Embedding, a few transformer blocks, and an ``nn.Linear`` head, Hugging Face style."""
+    """The GPT body of launch/model.py and an ``nn.Linear`` head, Hugging Face style."""
 
     def __init__(self, vocab: int, d: int, layers: int, heads: int, seq: int) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(seq, d)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.body = GPTBody(vocab, d, layers, heads, seq)
         self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq),
-                             persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        s = tokens.shape[1]
-        x = self.embed(tokens) + self.pos.weight[:s]
-        return self.lm_head(self.blocks(x, mask=self.mask[:s, :s], is_causal=True))
+        return self.lm_head(self.body(tokens))
 
 
 def main() -> None:
@@ -83,9 +77,8 @@ def main() -> None:
     device = engine.device
     dp_rank, dp = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     for step in range(args.steps):
-        g = torch.Generator().manual_seed(step * dp + dp_rank)  # each DP rank its own data
-        starts = torch.randint(0, ids.numel() - args.seq_len - 1, (args.batch,), generator=g)
-        chunk = ids[starts[:, None] + torch.arange(args.seq_len)].to(device)
+        # Each data-parallel rank its own windows.
+        chunk = token_windows(ids, args.batch, args.seq_len, seed=step * dp + dp_rank).to(device)
         loss = engine(chunk, labels=chunk)  # the head shifts the labels (causal LM)
         engine.backward(loss)
         engine.step()
@@ -94,8 +87,7 @@ def main() -> None:
                   f"loss {loss.item():.4f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip teardown: see exit_cleanly in launch/train.py
+    exit_cleanly()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import exit_cleanly, token_windows  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
 
 
@@ -77,9 +78,7 @@ def main() -> None:
     position = torch.arange(args.seq_len, device=device)[None].expand(args.batch, -1)
     mask = torch.triu(torch.ones(args.seq_len, args.seq_len, device=device), 1).bool()[None, None]
     for step in range(args.steps):
-        g = torch.Generator().manual_seed(step)
-        starts = torch.randint(0, ids.numel() - args.seq_len - 1, (args.batch,), generator=g)
-        chunk = ids[starts[:, None] + torch.arange(args.seq_len + 1)].to(device)
+        chunk = token_windows(ids, args.batch, args.seq_len + 1, seed=step).to(device)
         per_token = model(chunk[:, :-1], position, mask, labels=chunk[:, 1:])  # [b, s]
         loss = per_token.mean()
         opt.zero_grad()
@@ -90,8 +89,7 @@ def main() -> None:
     parallel_state.destroy_model_parallel()
     dist.barrier()
     dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # skip teardown: see exit_cleanly in launch/train.py
+    exit_cleanly()
 
 
 if __name__ == "__main__":

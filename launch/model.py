@@ -54,6 +54,28 @@ class _GatherVocab(torch.autograd.Function):
         return g[:, ctx.lo:ctx.lo + ctx.sizes[rank]].contiguous(), None, None
 
 
+class GPTBody(nn.Module):
+    """Token and position embeddings, pre-norm causal transformer blocks, a final LayerNorm:
+    (batch, seq) ids -> (batch, seq, d_model) hidden states."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_layer: int, n_head: int,
+                 seq_len: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(seq_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_head, 4 * d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        s = tokens.shape[1]
+        x = self.tok(tokens) + self.pos.weight[:s]
+        return self.norm(self.blocks(x, mask=self.mask[:s, :s], is_causal=True))
+
+
 class ShardedHeadGPT(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layer: int, n_head: int, seq_len: int,
                  group) -> None:
@@ -63,24 +85,15 @@ class ShardedHeadGPT(nn.Module):
         self.sizes = [vocab_range(vocab_size, r, world) for r in range(world)]
         self.sizes = [hi - lo for lo, hi in self.sizes]
         lo, hi = vocab_range(vocab_size, rank, world)
-        self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = nn.Embedding(seq_len, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, n_head, 4 * d_model, dropout=0.0,
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
+        self.body = GPTBody(vocab_size, d_model, n_layer, n_head, seq_len)
         # This rank's rows of the output layer, initialised from the full matrix so that the
         # model does not depend on the number of ranks.
         full = torch.empty(vocab_size, d_model)
         nn.init.normal_(full, std=d_model ** -0.5)
         self.head = nn.Parameter(full[lo:hi].clone())
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len),
-                             persistent=False)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        s = tokens.shape[1]
-        x = self.tok(tokens) + self.pos.weight[:s]
-        return self.norm(self.blocks(x, mask=self.mask[:s, :s], is_causal=True))
+        return self.body(tokens)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
         return self.head_loss(self.hidden(tokens), targets, kind)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import exit_cleanly, token_windows  # noqa: E402
 from corpus import corpus_files  # noqa: E402
 from model import LOSSES, ShardedHeadGPT  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
@@ -87,10 +88,7 @@ def load_tokens(args) -> torch.Tensor:
 
 def batch(tokens: torch.Tensor, step: int, args, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of ``step``: a function of (seed, step) only, so a resumed run sees the same."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    starts = torch.randint(0, tokens.numel() - args.seq_len - 1, (args.batch,), generator=g)
-    idx = starts[:, None] + torch.arange(args.seq_len + 1)
-    chunk = tokens[idx]
+    chunk = token_windows(tokens, args.batch, args.seq_len + 1, args.seed * 1_000_003 + step)
     return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
 
@@ -159,15 +157,6 @@ def main(argv=None) -> None:
     dist.barrier()
     dist.destroy_process_group()
     exit_cleanly()
-
-
-def exit_cleanly() -> None:
-    """Leave without the interpreter's teardown, where gloo's threads sometimes abort a process
-    whose work is done ("terminate called without an active exception"), which torchrun would
-    report as a failed rank."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run(args, rank: int, world: int, device: torch.device) -> None:

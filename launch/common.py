@@ -1,0 +1,25 @@
+"""Small pieces the launch entry points share."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def token_windows(ids: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
+    """``count`` windows of ``length`` consecutive ids at random starts, (count, length) int64;
+    a function of ``seed`` only, so a resumed or repeated run sees the same batches."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length, (count,), generator=g)
+    return ids[starts[:, None] + torch.arange(length)]
+
+
+def exit_cleanly() -> None:
+    """Leave without the interpreter's teardown, where gloo's threads sometimes abort a process
+    whose work is done ("terminate called without an active exception"), which torchrun would
+    report as a failed rank."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -5,6 +5,16 @@ handed, each token's LSE and target logit; the backward takes the LSE it is give
 when the vocabulary is sharded) and returns this slice's partial dE and its dC.
 """
 
-from .ops import BACKENDS, cce_backward, cce_forward, loss_dtype, resolve_backend
+from .ops import (
+    BACKENDS,
+    cce_backward,
+    cce_backward_notify,
+    cce_forward,
+    loss_dtype,
+    resolve_backend,
+)
 
-__all__ = ["BACKENDS", "cce_backward", "cce_forward", "loss_dtype", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "cce_backward", "cce_backward_notify", "cce_forward", "loss_dtype",
+    "resolve_backend",
+]

@@ -9,7 +9,7 @@ to the reference.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -106,3 +106,35 @@ def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend
       de_fp32=False):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c)
+
+
+def cce_backward_notify(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    tile_max: torch.Tensor,
+    vocab_start: int,
+    filter_eps: Optional[float],
+    backend: str,
+    on_de_ready: Callable[[torch.Tensor], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
+    partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
+
+    Not a custom op (a callable cannot cross that boundary): eager callers only, e.g. to start
+    the cross-rank dE reduction while dC is still being computed.
+    """
+    if backend == "triton":
+        from . import triton_backward
+
+        return triton_backward.backward(
+            e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
+            default_config(e.device, e.dtype), de_fp32=True, on_de_ready=on_de_ready,
+        )
+    de, dc = reference.backward(
+        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=True
+    )
+    on_de_ready(de)
+    return de, dc

@@ -20,6 +20,10 @@ class BlockConfig:
     backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own storage where it fits;
     ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its own). ``out_block_d``
     is the D-width of one output tile of the dE / dC products; ``mm_*`` their launch settings.
+    ``max_lent_fraction`` bounds the share of dC's rows that may be lent to the backward's
+    workspace: lent rows have their dl computed twice (once for dE, once for dC), which is cheap
+    when they are a small tail of a large vocabulary and not when a vocabulary shard is small
+    next to N x D; beyond the bound the workspace gets buffers of its own.
     """
 
     block_n: int = 128
@@ -33,6 +37,7 @@ class BlockConfig:
     mm_num_warps: int = 8
     mm_num_stages: int = 2
     target_programs: int = 1024
+    max_lent_fraction: float = 0.25
 
 
 GPU_CONFIG = BlockConfig()
@@ -41,6 +46,7 @@ GPU_CONFIG = BlockConfig()
 INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, tail_chunk_v=32,
     num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
+    max_lent_fraction=1.0,
 )
 
 

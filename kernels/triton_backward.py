@@ -19,7 +19,7 @@ over tiles have no data-dependent branches and no host synchronization.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -160,17 +160,21 @@ def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return by_column, flags.sum(0, dtype=torch.int32), by_row, flags.sum(1, dtype=torch.int32)
 
 
-def workspace_split(n: int, d: int, v: int, chunk: int, block_v: int, itemsize: int) -> int:
+def workspace_split(
+    n: int, d: int, v: int, chunk: int, block_v: int, itemsize: int, max_fraction: float = 1.0
+) -> int:
     """First row of dC whose storage is lent to the workspace, or ``v`` if none is.
 
     The workspace is the fp32 dE accumulator (n x d) and one chunk of dl (n x chunk). Placed in
     the tail rows of dC, which are written last, it costs no memory beyond the gradients
     themselves. The split is a multiple of ``block_v`` (tile maxima are indexed by block) and
-    leaves room for at least one chunk before it.
+    leaves room for at least one chunk before it; at most ``max_fraction`` of the rows are lent.
     """
     need = n * d * 4 + n * chunk * itemsize
     split = (v - triton.cdiv(need, d * itemsize)) // block_v * block_v
-    return split if split >= chunk else v
+    if split < chunk or v - split > max_fraction * v:
+        return v
+    return split
 
 
 def backward(
@@ -184,6 +188,7 @@ def backward(
     tile_max: torch.Tensor,
     cfg: BlockConfig,
     de_fp32: bool = False,
+    on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
@@ -195,12 +200,19 @@ def backward(
     last rows (see :func:`workspace_split`): rows before the split get dE and dC contributions
     chunk by chunk; rows after it first get only their dE contributions, and, once dE is final and
     the workspace free, their dC ones (recomputing their dl, in chunks of ``cfg.tail_chunk_v``).
+
+    ``on_de_ready(de)``, if given, is called with the returned ``de`` as soon as the kernels that
+    finish it are launched, before the remaining dC work (the last chunk's dC, or the lent rows'
+    dC): a caller can start reducing dE across ranks on another stream while dC completes.
     """
     n, d = e.shape
     v = c.shape[0]
     dc = torch.empty_like(c)
     if n == 0 or v == 0:
-        return torch.zeros_like(e, dtype=torch.float32 if de_fp32 else e.dtype), dc
+        de = torch.zeros_like(e, dtype=torch.float32 if de_fp32 else e.dtype)
+        if on_de_ready is not None:
+            on_de_ready(de)
+        return de, dc
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
@@ -210,7 +222,7 @@ def backward(
     log_eps = math.log(eps) if eps > 0 else -math.inf
     state = {"de_started": False}
 
-    def run_chunks(lo, hi, chunk, dl, de_acc, want_dc, want_de):
+    def run_chunks(lo, hi, chunk, dl, de_acc, want_dc, want_de, de_done=None):
         for v0 in range(lo, hi, chunk):
             vc = min(chunk, hi - v0)
             cb = triton.cdiv(vc, bv)
@@ -226,13 +238,7 @@ def backward(
                 by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
             else:
                 by_col = count_col = by_row = count_row = flags  # unused by the kernels
-            if want_dc:
-                _dc_kernel[(cb, triton.cdiv(d, bdo))](
-                    dl, e, dc, by_col, count_col, n, d, v0, vc, n_blocks, cb,
-                    dl.stride(0), e.stride(0), e.stride(1), dc.stride(0), dc.stride(1),
-                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
-                    num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
-                )
+            # dE before dC: after the last chunk's dE, the caller may start reducing it.
             if want_de:
                 _de_kernel[(n_blocks, triton.cdiv(d, bdo))](
                     dl, c, de_acc, by_row, count_row, n, d, v0, vc, cb,
@@ -242,14 +248,30 @@ def backward(
                     num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
                 )
                 state["de_started"] = True
+                if de_done is not None and v0 + vc >= hi:
+                    de_done()
+            if want_dc:
+                _dc_kernel[(cb, triton.cdiv(d, bdo))](
+                    dl, e, dc, by_col, count_col, n, d, v0, vc, n_blocks, cb,
+                    dl.stride(0), e.stride(0), e.stride(1), dc.stride(0), dc.stride(1),
+                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
+                    num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
+                )
 
     chunk = max(bv, cfg.chunk_v // bv * bv)
-    split = workspace_split(n, d, v, chunk, bv, dc.element_size())
-    if split == v:  # too small a vocabulary to lend its tail: separate buffers
+    split = workspace_split(n, d, v, chunk, bv, dc.element_size(), cfg.max_lent_fraction)
+    if split == v:  # no rows lent: the workspace has buffers of its own
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
-        run_chunks(0, v, chunk, dl, de_acc, want_dc=True, want_de=True)
-        return (de_acc if de_fp32 else de_acc.to(e.dtype)), dc
+        out = {}
+
+        def finish_de():
+            out["de"] = de_acc if de_fp32 else de_acc.to(e.dtype)
+            if on_de_ready is not None:
+                on_de_ready(out["de"])
+
+        run_chunks(0, v, chunk, dl, de_acc, want_dc=True, want_de=True, de_done=finish_de)
+        return out["de"], dc
     raw = dc[split:].view(-1).view(torch.uint8)
     de_acc = raw[: n * d * 4].view(torch.float32).view(n, d)
     dl = raw[n * d * 4: n * d * 4 + n * chunk * dc.element_size()].view(dc.dtype).view(n, chunk)
@@ -257,6 +279,8 @@ def backward(
     run_chunks(split, v, chunk, dl, de_acc, want_dc=False, want_de=True)
     # A copy even for fp32: the accumulator's storage is dC's, about to be written.
     de = de_acc.to(torch.float32 if de_fp32 else e.dtype, copy=True)
+    if on_de_ready is not None:
+        on_de_ready(de)
     tail_chunk = max(bv, cfg.tail_chunk_v // bv * bv)
     dl = torch.empty((n, min(tail_chunk, triton.cdiv(v - split, bv) * bv)), dtype=e.dtype,
                      device=e.device)

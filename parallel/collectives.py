@@ -30,6 +30,17 @@ def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def start_reduction(x: torch.Tensor, group, scatter: bool):
+    """Start summing ``x`` over the group without waiting: returns ``(out, work)``; ``out`` holds
+    the sum (all-reduce, in place) or this rank's dim-0 slice of it (``scatter``) once
+    ``work.wait()`` has returned (on NCCL: once the current stream has waited for it)."""
+    if scatter:
+        world = dist.get_world_size(group)
+        out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+        return out, _reduce_scatter(out, x.contiguous(), group=group, async_op=True)
+    return x, dist.all_reduce(x, group=group, async_op=True)
+
+
 def all_reduce_(x: torch.Tensor, group) -> torch.Tensor:
     dist.all_reduce(x, group=group)
     return x

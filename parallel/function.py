@@ -9,7 +9,9 @@ With a group, ``c`` is this rank's contiguous vocabulary shard starting at globa
   the global LSE and returns the same loss;
 * backward: the kernels filter with the global LSE (every rank decides alike), return this
   shard's ``dc`` and a partial ``de`` in fp32, which is all-reduced (or, with sequence
-  parallelism, reduce-scattered back to this rank's slice of the sequence) and cast once.
+  parallelism, reduce-scattered back to this rank's slice of the sequence) and cast once. The
+  reduction starts as soon as the kernels have finished dE and runs while the last dC work is
+  computed (eager mode; under torch.compile it follows the backward).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from typing import Optional
 
 import torch
 
-from cce_dist.kernels import cce_backward, cce_forward
+from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
 
-from .collectives import all_gather_dim0, all_reduce_, reduce_scatter_dim0
+from .collectives import all_gather_dim0, all_reduce_, reduce_scatter_dim0, start_reduction
+
+# Start the dE reduction before dC is complete (see the module docstring); benchmarks turn it
+# off to measure what the overlap gains.
+OVERLAP_DE_REDUCTION = True
 
 
 def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -82,11 +88,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
         grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0).contiguous()
-        de, dc = cce_backward(
-            e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-            de_fp32=group is not None,
-        )
-        if group is not None:
+        rest = (None,) * 9
+        if group is None:
+            de, dc = cce_backward(
+                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend)
+            return (de, dc) + rest
+        if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
+            pending = []
+            _, dc = cce_backward_notify(
+                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+                on_de_ready=lambda de: pending.append(
+                    start_reduction(de, group, scatter=sequence_parallel)),
+            )
+            de, work = pending[0]
+            work.wait()
+        else:
+            de, dc = cce_backward(
+                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+                de_fp32=True,
+            )
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
-            de = de.to(e.dtype)
-        return de, dc, None, None, None, None, None, None, None, None, None
+        return (de.to(e.dtype), dc) + rest

@@ -116,3 +116,45 @@ def test_backward_with_and_without_workspace_in_dc(v, dtype):
     )
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(de, ref_de) < tol and rel_err(dc, ref_dc) < tol
+
+
+@pytest.mark.parametrize("v,lend", [(70, 1.0), (400, 1.0), (400, 0.0)])
+def test_de_is_final_before_the_last_dc_work(v, lend, monkeypatch):
+    """on_de_ready sees the final dE while dC work is still to be launched (the window in which
+    the vocabulary-parallel backward reduces dE), with and without rows lent to the workspace."""
+    from dataclasses import replace
+
+    from cce_dist.kernels import triton_backward, triton_forward
+    from cce_dist.kernels.tiles import default_config
+
+    cfg = replace(default_config(torch.device("cpu")), max_lent_fraction=lend)
+    n, d = 24, 16
+    lent = triton_backward.workspace_split(n, d, v, cfg.chunk_v, cfg.block_v, 4, lend) < v
+    assert lent == (v == 400 and lend == 1.0)
+    e, c, t = make_inputs("spread", n, d, v, dtype=torch.float32, seed=6)
+    lse, _, tile_max = triton_forward.forward(e, c, t, 0, cfg)
+    launches = []
+
+    class CountingKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append("dc")
+            return self.kernel[grid]
+
+    monkeypatch.setattr(triton_backward, "_dc_kernel", CountingKernel(triton_backward._dc_kernel))
+    seen = []
+
+    def on_de_ready(de):
+        seen.append((de.clone(), len(launches)))
+
+    scale = torch.ones(n)
+    de, dc = triton_backward.backward(e, c, t, lse, scale, 0, None, tile_max, cfg,
+                                      de_fp32=True, on_de_ready=on_de_ready)
+    assert len(seen) == 1
+    early_de, dc_launches_before = seen[0]
+    assert torch.equal(early_de, de) and de.dtype == torch.float32
+    assert dc_launches_before < len(launches)  # dC work remained to overlap with
+    _, ref_de, ref_dc = float64_reference(e, c, t, reduction="sum")
+    assert rel_err(de, ref_de) < 1e-5 and rel_err(dc, ref_dc) < 1e-5

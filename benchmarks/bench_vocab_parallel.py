@@ -2,9 +2,12 @@
 
 Launch one process per GPU: ``torchrun --nproc_per_node=TP benchmarks/bench_vocab_parallel.py``.
 Every rank holds all N tokens and V/TP rows of C (the even split of ``cce_dist.vocab_range``).
-Megatron's path materializes the local logits (N x V/TP), calls
-``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` and all-reduces dE (what its
-ColumnParallelLinear backward does). Timing uses a fixed number of iterations on every rank
+Megatron's path materializes the local logits (N x V/TP, in the input dtype, as GPTModel's
+output layer does), calls ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (which
+upcasts them to fp32) and all-reduces dE (what its ColumnParallelLinear backward does). At
+TP=1 cce-dist runs its single-device path (``group=None``). Variants of ours: without the
+overlap of the dE reduction, and with dC's rows lent to the backward's workspace whatever their
+share. Timing uses a fixed number of iterations on every rank
 (so the collectives stay matched), CUDA events, the median of ``--iters``; peak memory is rank
 0's largest extra allocation during fw+bw.
 """
@@ -12,6 +15,8 @@ ColumnParallelLinear backward does). Timing uses a fixed number of iterations on
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -23,6 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cce_dist import linear_cross_entropy, vocab_range
+from cce_dist.kernels import tiles
+from cce_dist.parallel import function
 from cce_dist.testing import make_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
@@ -34,9 +41,28 @@ def megatron_loss(group):
 
     def loss(e, c, t):
         logits = CopyToGroup.apply(e, group) @ c.T
-        return vocab_parallel_cross_entropy(logits.float()[None], t[None]).mean()
+        return vocab_parallel_cross_entropy(logits[None], t[None]).mean()
 
     return loss
+
+
+@contextlib.contextmanager
+def no_overlap():
+    function.OVERLAP_DE_REDUCTION = False
+    try:
+        yield
+    finally:
+        function.OVERLAP_DE_REDUCTION = True
+
+
+@contextlib.contextmanager
+def lend_any_share():
+    saved = tiles.GPU_CONFIG
+    tiles.GPU_CONFIG = dataclasses.replace(saved, max_lent_fraction=1.0)
+    try:
+        yield
+    finally:
+        tiles.GPU_CONFIG = saved
 
 
 def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
@@ -74,16 +100,21 @@ def main() -> None:
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl")
     group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
-    methods = {
-        "cce-dist": lambda e, c, t: linear_cross_entropy(e, c, t, group=group),
-        "cce-dist exact": lambda e, c, t: linear_cross_entropy(e, c, t, group=group,
-                                                               filter_eps=None),
+    ours = group if world > 1 else None
+    methods = {  # name -> (loss, context it runs in)
+        "cce-dist": (lambda e, c, t: linear_cross_entropy(e, c, t, group=ours), None),
+        "cce-dist exact": (lambda e, c, t: linear_cross_entropy(e, c, t, group=ours,
+                                                                filter_eps=None), None),
     }
+    if world > 1:
+        methods["cce-dist no-overlap"] = (methods["cce-dist"][0], no_overlap)
+    methods["cce-dist lend-all"] = (methods["cce-dist"][0], lend_any_share)
     try:
         from megatron.core import parallel_state
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-        methods["Megatron CE"] = megatron_loss(parallel_state.get_tensor_model_parallel_group())
+        methods["Megatron CE"] = (
+            megatron_loss(parallel_state.get_tensor_model_parallel_group()), None)
     except ImportError as err:
         if rank == 0:
             print(f"# megatron-core not available: {err}")
@@ -96,8 +127,10 @@ def main() -> None:
             c = c_full[lo:hi].clone()
             del c_full
             e.requires_grad_(), c.requires_grad_()
-            for name, fn in methods.items():
-                ms, peak = time_fw_bw(fn, e, c, t, args.warmup, args.iters)
+            torch.cuda.empty_cache()
+            for name, (fn, context) in methods.items():
+                with (context or contextlib.nullcontext)():
+                    ms, peak = time_fw_bw(fn, e, c, t, args.warmup, args.iters)
                 row = dict(shape=shape, regime=regime, tp=world, method=name, fwbw_ms=ms,
                            peak_mb=peak)
                 rows.append(row)

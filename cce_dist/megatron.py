@@ -11,6 +11,12 @@ and ``loss_mask`` stay unchanged.
 Megatron's own path still serves what CCE cannot: no labels (logits are returned, e.g. for
 inference), multi-token prediction, deferred embedding wgrad, and a pipeline stage without the
 output layer. ``parallel_output=False`` and an output-layer bias are refused at construction.
+MuP's output multiplier (``config.use_mup``, megatron-core 0.18+) scales the hidden states
+before the loss, which scales the logits exactly as Megatron's ``_scale_logits`` does.
+
+On megatron-core 0.18+, whose ``GPTModel.forward`` takes ``output_processor=``, an unmodified
+``GPTModel`` gets the same loss per call with
+``model(..., labels=labels, output_processor=cce_output_processor)``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,49 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 from .loss import linear_cross_entropy
 
 
+def _inference_active() -> bool:
+    try:  # megatron-core 0.18+
+        from megatron.core.inference.utils import InferenceMode
+    except ImportError:
+        return False
+    return InferenceMode.is_active()
+
+
+def _output_multiplier(config) -> float:
+    """MuP's logit multiplier, or 1 (configs without MuP, megatron-core < 0.18)."""
+    if getattr(config, "use_mup", False):
+        return float(getattr(config, "mup_output_mult", 1.0))
+    return 1.0
+
+
+def _lm_loss(hidden_states, weight, labels, output_layer, config, filter_eps):
+    """Per-token loss [b, s] (fp32) from hidden states [s (/tp with SP), b, h] and labels [b, s],
+    over the output layer's tensor-parallel group and sequence-parallel setting."""
+    group = getattr(output_layer, "tp_group", None)
+    if group is None:
+        group = parallel_state.get_tensor_model_parallel_group()
+    single = torch.distributed.get_world_size(group) == 1
+    multiplier = _output_multiplier(config)
+    if multiplier != 1.0:
+        hidden_states = hidden_states * multiplier
+    loss = linear_cross_entropy(
+        hidden_states, weight, labels.transpose(0, 1).contiguous(), reduction="none",
+        filter_eps=filter_eps, group=None if single else group,
+        sequence_parallel=bool(output_layer.sequence_parallel) and not single,
+    )
+    return loss.transpose(0, 1).contiguous()
+
+
+def _check_output_layer(output_layer, parallel_output: bool, who: str) -> None:
+    if not parallel_output:
+        raise ValueError(
+            f"{who}: parallel_output=False asks for gathered logits, which CCE never forms; "
+            "use GPTModel's own loss, or parallel_output=True"
+        )
+    if getattr(output_layer, "bias", None) is not None:
+        raise ValueError(f"{who}: an output layer with a bias is not supported")
+
+
 class CCEGPTModel(GPTModel):
     """``GPTModel`` whose language-model loss is cce-dist's vocabulary-parallel CCE."""
 
@@ -38,13 +87,7 @@ class CCEGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.cce_filter_eps = cce_filter_eps
         if self.post_process:
-            if not self.parallel_output:
-                raise ValueError(
-                    "CCEGPTModel: parallel_output=False asks for gathered logits, which CCE "
-                    "never forms; use GPTModel, or parallel_output=True"
-                )
-            if getattr(self.output_layer, "bias", None) is not None:
-                raise ValueError("CCEGPTModel: an output layer with a bias is not supported")
+            _check_output_layer(self.output_layer, self.parallel_output, "CCEGPTModel")
 
     def _cce_serves(self, labels, kwargs) -> bool:
         return (
@@ -55,6 +98,8 @@ class CCEGPTModel(GPTModel):
             and kwargs.get("inference_context") is None
             and kwargs.get("inference_params") is None
             and not getattr(self.config, "defer_embedding_wgrad_compute", False)
+            and kwargs.get("output_processor") is None
+            and not _inference_active()
         )
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
@@ -67,17 +112,45 @@ class CCEGPTModel(GPTModel):
             if self.share_embeddings_and_output_weights
             else self.output_layer.weight
         )
-        group = getattr(self.output_layer, "tp_group", None)
-        if group is None:
-            group = parallel_state.get_tensor_model_parallel_group()
-        single = torch.distributed.get_world_size(group) == 1
-        # hidden_states: [s (/tp under sequence parallelism), b, h]; labels: [b, s].
-        loss = linear_cross_entropy(
-            hidden_states, weight, labels.transpose(0, 1).contiguous(), reduction="none",
-            filter_eps=self.cce_filter_eps, group=None if single else group,
-            sequence_parallel=bool(self.output_layer.sequence_parallel) and not single,
-        )
-        return loss.transpose(0, 1).contiguous()
+        return _lm_loss(hidden_states, weight, labels, self.output_layer, self.config,
+                        self.cce_filter_eps)
+
+
+def cce_output_processor(
+    *,
+    hidden_states: torch.Tensor,
+    output_layer,
+    output_weight,
+    labels,
+    config,
+    compute_language_model_loss,
+    scale_logits,
+    runtime_gather_output=None,
+    inference_context=None,
+    context=None,
+    **_unused,
+) -> torch.Tensor:
+    """``GPTModel.forward(..., output_processor=cce_output_processor)`` (megatron-core 0.18+).
+
+    With labels: the per-token loss [b, s] from cce-dist (``context`` may be a dict with
+    ``filter_eps``). Without labels: Megatron's own logits [b, s, v/tp], as without a processor.
+    Multi-token prediction has already run when the processor is called, so it composes with it.
+    Refuses inference (pass no processor there) and what CCE cannot honour (gathered logits,
+    an output-layer bias).
+    """
+    if inference_context is not None or _inference_active():
+        raise ValueError("cce_output_processor serves training and evaluation losses; call "
+                         "GPTModel without output_processor for inference")
+    weight = output_layer.weight if output_weight is None else output_weight
+    if labels is None:
+        logits, _ = output_layer(hidden_states, weight=output_weight,
+                                 runtime_gather_output=runtime_gather_output)
+        return scale_logits(logits).transpose(0, 1).contiguous()
+    gather = runtime_gather_output
+    parallel_output = not (gather if gather is not None else output_layer.gather_output)
+    _check_output_layer(output_layer, parallel_output, "cce_output_processor")
+    filter_eps = context.get("filter_eps", "auto") if isinstance(context, dict) else "auto"
+    return _lm_loss(hidden_states, weight, labels, output_layer, config, filter_eps)
 
 
 def cpu_shims() -> None:

@@ -18,3 +18,13 @@ fi
 # triton 3.9 + numpy 2.4 run the interpreter correctly; GPU hosts keep the triton torch wants.
 python -c "import triton" 2>/dev/null || pip_install "triton==3.9.0"
 pip_install -e ".[test,megatron,deepspeed]"
+# megatron-core 0.19 (the newest; Python >= 3.12 only, so pip will not install it here) is pure
+# Python where the integration is concerned: its wheel, unpacked beside the venv, lets the tests
+# run the Megatron parity test against it too, in a process of its own.
+MCORE_NEW=.cache/megatron-core-0.19.2
+if [ ! -d "$MCORE_NEW/megatron" ]; then
+  python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --platform manylinux_2_28_x86_64 -d .cache/wheels megatron-core==0.19.2
+  python -c "import glob, sys, zipfile; zipfile.ZipFile(glob.glob(sys.argv[1])[0]).extractall(sys.argv[2])" \
+    ".cache/wheels/megatron_core-0.19.2-*.whl" "$MCORE_NEW"
+fi

@@ -1,4 +1,9 @@
-"""CCEGPTModel against Megatron-Core's own GPTModel: TP=2 over gloo on the CPU."""
+"""CCEGPTModel (and cce_output_processor on megatron-core 0.18+) against Megatron-Core's own
+GPTModel: TP=2 over gloo on the CPU, TP=2 and 4 over NCCL on GPUs; tied and untied embeddings,
+sequence parallelism on and off."""
+
+import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -8,36 +13,70 @@ pytest.importorskip("megatron.core")
 
 from distributed import free_port, run_ranks  # noqa: E402
 
-SEQ, BATCH, VOCAB, PADDED = 16, 2, 250, 256  # Megatron pads the vocabulary to 128 * tp
+SEQ, BATCH, VOCAB, PADDED = 16, 2, 250, 256  # the vocabulary is padded to a multiple of 128
 
 
-def _models(tied, sequence_parallel=False):
+class SequenceParallelNorm(torch.nn.LayerNorm):
+    """A torch LayerNorm that accepts sequence parallelism (Megatron's torch fallback refuses
+    it; Apex and TE norms are not installed here). Its weights are marked as Megatron marks
+    them; both models under test use it, so it takes no part in the comparison."""
+
+    def __init__(self, config, hidden_size, eps=1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        for p in self.parameters():
+            p.sequence_parallel = config.sequence_parallel
+
+
+def _layer_spec(num_layers, sequence_parallel):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = get_gpt_layer_local_spec()
+    if not sequence_parallel:
+        return spec
+    layer = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=SequenceParallelNorm,
+        pre_mlp_layernorm=SequenceParallelNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=SequenceParallelNorm)
+
+
+def _config(sequence_parallel, **extra):
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                             use_cpu_initialization=True, params_dtype=torch.float32,
+                             hidden_dropout=0.0, attention_dropout=0.0,
+                             sequence_parallel=sequence_parallel,
+                             tensor_model_parallel_size=dist.get_world_size(), **extra)
+
+
+def _models(tied, sequence_parallel=False, device="cpu", plain=False, **extra):
+    """(native GPTModel, CCEGPTModel) with equal weights; ``plain``: two GPTModels."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
 
     from cce_dist.megatron import CCEGPTModel
 
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                            use_cpu_initialization=True, params_dtype=torch.float32,
-                            hidden_dropout=0.0, attention_dropout=0.0,
-                            sequence_parallel=sequence_parallel,
-                            tensor_model_parallel_size=dist.get_world_size())
+    cfg = _config(sequence_parallel, **extra)
+    spec = _layer_spec(cfg.num_layers, sequence_parallel)
     kw = dict(vocab_size=PADDED, max_sequence_length=SEQ, parallel_output=True,
               share_embeddings_and_output_weights=tied)
-    native = GPTModel(cfg, get_gpt_layer_local_spec(), **kw)
-    cce = CCEGPTModel(cfg, get_gpt_layer_local_spec(), cce_filter_eps=None, **kw)
+    native = GPTModel(cfg, spec, **kw).to(device)
+    if plain:
+        cce = GPTModel(cfg, spec, **kw).to(device)
+    else:
+        cce = CCEGPTModel(cfg, spec, cce_filter_eps=None, **kw).to(device)
     cce.load_state_dict(native.state_dict())
     return native, cce
 
 
-def _batch(seed):
+def _batch(seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     position = torch.arange(SEQ)[None].expand(BATCH, SEQ)
     mask = torch.triu(torch.ones(SEQ, SEQ), diagonal=1).bool()[None, None]
-    return tokens, position, mask, labels
+    return tuple(x.to(device) for x in (tokens, position, mask, labels))
 
 
 def _rel(a, b):
@@ -45,42 +84,69 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def _parity_worker(rank, world):
-    from cce_dist.megatron import cpu_shims
+def _has_output_processor():
+    from megatron.core.models.gpt.gpt_model import GPTModel
 
-    cpu_shims()
+    return "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
+def _check_parity(native, cce, device, what, processor=None):
+    """Loss, every parameter gradient, logits without labels, and 3 Adam steps."""
+    extra = {} if processor is None else {"output_processor": processor,
+                                          "output_processor_context": {"filter_eps": None}}
+    tokens, position, mask, labels = _batch(1, device)
+    want = native(tokens, position, mask, labels=labels)
+    got = cce(tokens, position, mask, labels=labels, **extra)
+    assert got.shape == want.shape == (BATCH, SEQ) and got.dtype == torch.float32
+    assert _rel(got, want) < 1e-5, (what, _rel(got, want))
+    want.mean().backward()
+    got.mean().backward()
+    grads = dict(native.named_parameters())
+    for name, p in cce.named_parameters():
+        ref = grads[name].grad
+        assert p.grad is not None and _rel(p.grad, ref) < 1e-4, (what, name, _rel(p.grad, ref))
+    # Without labels both return the same (vocabulary-parallel) logits.
+    with torch.no_grad():
+        assert torch.equal(cce(tokens, position, mask, **extra), native(tokens, position, mask))
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (native, cce)]
+    for step in range(3):
+        tokens, position, mask, labels = _batch(10 + step, device)
+        losses = []
+        for model, opt, kw in zip((native, cce), opts, ({}, extra)):
+            opt.zero_grad()
+            loss = model(tokens, position, mask, labels=labels, **kw).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0]), (what, step, losses)
+
+
+def _parity_worker(rank, world, device="cpu"):
     from megatron.core import parallel_state
 
+    from cce_dist.megatron import cce_output_processor, cpu_shims
+
+    if device == "cpu":
+        cpu_shims()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    for tied, sp in ((False, False), (True, False)):  # SP needs Apex or TE norms: GPU only
+    if device == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
+    for tied, sp in ((False, False), (True, False), (False, True), (True, True)):
         torch.manual_seed(0)
-        native, cce = _models(tied, sp)
-        tokens, position, mask, labels = _batch(1)
-        want = native(tokens, position, mask, labels=labels)
-        got = cce(tokens, position, mask, labels=labels)
-        assert got.shape == want.shape == (BATCH, SEQ) and got.dtype == torch.float32
-        assert _rel(got, want) < 1e-5, (tied, sp, _rel(got, want))
-        want.mean().backward()
-        got.mean().backward()
-        grads = dict(native.named_parameters())
-        for name, p in cce.named_parameters():
-            ref = grads[name].grad
-            assert p.grad is not None and _rel(p.grad, ref) < 1e-4, (tied, sp, name)
-        # Without labels both return the same (vocabulary-parallel) logits.
-        with torch.no_grad():
-            assert torch.equal(cce(tokens, position, mask), native(tokens, position, mask))
-        # A few optimizer steps: the same loss curve.
-        opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (native, cce)]
-        for step in range(3):
-            tokens, position, mask, labels = _batch(10 + step)
-            losses = []
-            for model, opt in zip((native, cce), opts):
-                opt.zero_grad()
-                loss = model(tokens, position, mask, labels=labels).mean()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            assert abs(losses[0] - losses[1]) < 1e-4 * abs(losses[0]), (tied, step, losses)
+        native, cce = _models(tied, sp, device)
+        _check_parity(native, cce, device, (tied, sp))
+        if _has_output_processor():  # megatron-core 0.18+: a plain GPTModel and the processor
+            torch.manual_seed(0)
+            native, plain = _models(tied, sp, device, plain=True)
+            _check_parity(native, plain, device, (tied, sp, "processor"),
+                          processor=cce_output_processor)
+    if "use_mup" in {f.name for f in dataclasses.fields(_config(False).__class__)}:
+        torch.manual_seed(0)  # MuP's output multiplier (0.5 at width multiplier 2)
+        native, cce = _models(False, False, device, use_mup=True, mup_base_hidden_size=16)
+        assert native.config.mup_output_mult == 0.5
+        _check_parity(native, cce, device, "mup")
     with pytest.raises(ValueError, match="parallel_output=False"):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.transformer.transformer_config import TransformerConfig
@@ -96,6 +162,14 @@ def _parity_worker(rank, world):
 
 def test_cce_gpt_matches_megatron_tp2():
     run_ranks(2, _parity_worker)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_cce_gpt_matches_megatron_nccl(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    run_ranks(world, _parity_worker, "cuda", backend="nccl")
 
 
 def test_megatron_example_trains_the_same_curve(tmp_path):
@@ -122,3 +196,27 @@ def test_megatron_example_trains_the_same_curve(tmp_path):
         curves[loss] = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
     assert len(curves["cce"]) == 4
     assert all(abs(a - b) < 1e-3 for a, b in zip(curves["cce"], curves["native"])), curves
+
+
+def test_cce_gpt_matches_megatron_0_19_on_cpu():
+    """The same TP=2 parity (SP, output_processor and MuP included) against megatron-core 0.19,
+    which scripts/setup.sh unpacks beside the venv (pip installs it only on Python >= 3.12)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import megatron.core
+
+    root = Path(__file__).resolve().parents[1]
+    newer = root / ".cache" / "megatron-core-0.19.2"
+    if megatron.core.__version__.startswith("0.19"):
+        pytest.skip("megatron-core 0.19 is the installed version: the test above covers it")
+    assert (newer / "megatron").is_dir(), "run scripts/setup.sh: it unpacks megatron-core 0.19.2"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(newer), str(root / "tests")]))
+    run = subprocess.run(
+        [sys.executable, "-c", "import megatron.core as m; print(m.__version__); "
+         "import test_megatron as t; t.run_ranks(2, t._parity_worker)"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=root / "tests")
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.startswith("0.19.2"), run.stdout[:200]

@@ -20,7 +20,7 @@ run() { echo "=== $*"; "$@"; echo "=== rc $?"; }
 for stage in "${@:-tests}"; do
   case $stage in
     tests)
-      run timeout 420 python3 -m pytest -q -m gpu tests -p no:cacheprovider ${PYTEST_ARGS:-} \
+      run timeout 560 python3 -m pytest -q -m gpu tests -p no:cacheprovider --timeout 240 ${PYTEST_ARGS:-} \
         2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i "warn" | tail -40
       ;;
     mainjob)

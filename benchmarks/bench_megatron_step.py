@@ -5,7 +5,9 @@ Both models are built from the same config (local layer spec: no Transformer Eng
 the machine), bf16, untied embeddings, the vocabulary padded to a multiple of 128 x TP as
 Megatron's training script pads it; one step is forward with labels, the mean loss, backward and
 a torch AdamW step. Printed per model: the first loss (the two must agree), the median step time
-after ``--warmup`` steps and rank 0's peak allocated memory during the timed steps.
+after ``--warmup`` steps, and rank 0's peak allocated memory during the timed steps: over the
+whole step, over forward + backward only, and that peak above what was allocated when the step
+began (weights, gradients, optimizer states): the activations' and the loss's share.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def build(kind: str, args, tp: int):
     model = cls(cfg, get_gpt_layer_local_spec(), vocab_size=padded,
                 max_sequence_length=args.seq, parallel_output=True,
                 share_embeddings_and_output_weights=False)
-    return model.cuda(), padded
+    return model.cuda().bfloat16(), padded  # what Megatron's Float16Module does
 
 
 def step_stats(model, args, padded) -> dict:
@@ -49,24 +51,32 @@ def step_stats(model, args, padded) -> dict:
     position = torch.arange(args.seq, device="cuda")[None].expand(args.batch, -1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     times, first = [], None
+    step_peak = fwbw_peak = fwbw_extra = 0.0
     for step in range(args.warmup + args.iters):
-        if step == args.warmup:
+        timed = step >= args.warmup
+        if timed:
             torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         opt.zero_grad(set_to_none=True)
         loss = model(inputs, position, None, labels=labels).mean()
         loss.backward()
+        if timed:  # allocator statistics are host-side: reading them does not sync
+            peak = torch.cuda.max_memory_allocated()
+            fwbw_peak, fwbw_extra = max(fwbw_peak, peak), max(fwbw_extra, peak - base)
         opt.step()
         end.record()
         torch.cuda.synchronize()
         if first is None:
             first = loss.item()
-        if step >= args.warmup:
+        if timed:
             times.append(start.elapsed_time(end))
-    return dict(first_loss=first, step_ms=statistics.median(times),
-                peak_mb=torch.cuda.max_memory_allocated() / 2**20)
+            step_peak = max(step_peak, torch.cuda.max_memory_allocated())
+    mb = 2.0 ** 20
+    return dict(first_loss=first, step_ms=statistics.median(times), peak_mb=step_peak / mb,
+                fwbw_peak_mb=fwbw_peak / mb, fwbw_extra_mb=fwbw_extra / mb)
 
 
 def main() -> None:

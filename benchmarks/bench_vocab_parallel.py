@@ -88,6 +88,34 @@ def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def shard_times(e, c_full, t, shards: int, iters: int) -> list[float]:
+    """ms of the local kernels (forward, then backward with the global LSE) on each of
+    ``shards`` even vocabulary shards, one GPU: how evenly the work of a TP group is spread."""
+    from cce_dist.kernels import cce_backward, cce_forward
+
+    v = c_full.shape[0]
+    lse = cce_forward(e, c_full, t, 0, "triton")[0]
+    scale = torch.full_like(lse, 1.0 / lse.numel())
+    out = []
+    for r in range(shards):
+        lo, hi = vocab_range(v, r, shards)
+        c = c_full[lo:hi]
+
+        def run():
+            _, _, tile_max = cce_forward(e, c, t, lo, "triton")
+            cce_backward(e, c, t, lse, scale, tile_max, lo, 2.0 ** -12, "triton", True)
+
+        run()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end) / iters)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="8192x4096x128256,8192x2304x256000")
@@ -95,6 +123,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default="")
+    p.add_argument("--shard-times", type=int, default=0,
+                   help="with one process: also time the kernels on each of this many shards")
     args = p.parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
@@ -124,6 +154,12 @@ def main() -> None:
         lo, hi = vocab_range(v, rank, world)
         for regime in args.regimes.split(","):
             e, c_full, t = make_inputs(regime, n, d, v, device="cuda", seed=0)
+            if args.shard_times and world == 1:
+                ms = shard_times(e, c_full, t, args.shard_times, args.iters)
+                rows.append(dict(shape=shape, regime=regime, shards=args.shard_times,
+                                 shard_ms=ms))
+                print(f"{shape:>18} {regime:>7} kernels per shard of {args.shard_times}: "
+                      + " ".join(f"{x:.2f}" for x in ms) + " ms", flush=True)
             c = c_full[lo:hi].clone()
             del c_full
             e.requires_grad_(), c.requires_grad_()

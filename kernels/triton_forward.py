@@ -20,9 +20,9 @@ from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
 @triton.jit
 def _forward_kernel(
     e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, tile_max_ptr,
-    N, V, D, vocab_start, blocks_per_split, num_v_blocks,
+    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles,
     stride_en, stride_ed, stride_cv, stride_cd,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -45,8 +45,11 @@ def _forward_kernel(
         mask_v = offs_v < V
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         row_max = tl.max(logits, axis=1)
-        tile_max = tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0)
-        tl.store(tile_max_ptr + pid_n * num_v_blocks + vb, tile_max)
+        # One maximum per TILE_N rows: the backward's filtering grid.
+        tile_max = tl.max(tl.reshape(tl.where(mask_n, row_max, float("-inf")),
+                                     (BLOCK_N // TILE_N, TILE_N)), axis=1)
+        tiles = pid_n * (BLOCK_N // TILE_N) + tl.arange(0, BLOCK_N // TILE_N)
+        tl.store(tile_max_ptr + tiles * num_v_blocks + vb, tile_max, mask=tiles < num_n_tiles)
         m_new = tl.maximum(m, row_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
@@ -71,9 +74,10 @@ def forward(
     """
     n, d = e.shape
     v = c.shape[0]
-    n_blocks = triton.cdiv(n, cfg.block_n)
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    n_blocks = triton.cdiv(n, cfg.fw_block_n)
     v_blocks = triton.cdiv(v, cfg.block_v)
-    tile_max = torch.empty((n_blocks, v_blocks), dtype=torch.float32, device=e.device)
+    tile_max = torch.empty((n_tiles, v_blocks), dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max
@@ -84,11 +88,11 @@ def forward(
     tgt_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
     _forward_kernel[(n_blocks, splits)](
         e, c, targets, lse_part, tgt_part, tile_max,
-        n, v, d, vocab_start, blocks_per_split, v_blocks,
+        n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.fw_block_d,
         PRECISION=dot_precision(e.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
     if splits == 1:
         return lse_part[0], tgt_part[0], tile_max

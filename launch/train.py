@@ -118,12 +118,17 @@ def progress(args, done, first, loss, tokens_per_step, start, device) -> None:
     tty = sys.stderr.isatty()
     if not tty and done % max(1, args.steps // 20) and done != args.steps:
         return
-    rate = (done - first) * tokens_per_step / (time.perf_counter() - start)
+    rate = (done - first) * tokens_per_step / max(time.perf_counter() - start, 1e-9)
     bar = "#" * (30 * done // args.steps)
     line = (f"[{bar:<30}] {args.loss:>12} step {done}/{args.steps} loss {loss:.4f} "
             f"{rate:,.0f} tok/s mem {memory_mb(device):,.0f} MB")
     end = ("\n" if done == args.steps else "") if tty else "\n"
     print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def memory_mb(device) -> float:
@@ -183,9 +188,14 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         if rank == 0:
             log(f"resumed from {ckpt}")
     tokens_per_step = args.batch * args.seq_len
-    start = time.perf_counter()
+    # Throughput leaves out the first steps: they compile the Triton kernels (seconds on a GPU).
+    warm = min(3, (args.steps - first) // 4)
+    start, timed_from = time.perf_counter(), first
     loss_peak_mb = None
     for step in range(first, args.steps):
+        if step == first + warm and warm:
+            sync(device)
+            start, timed_from = time.perf_counter(), step
         x, y = batch(tokens, step, args, device)
         measure = device.type == "cuda" and step == first
         if measure:  # the loss's own fw+bw peak, above what the step already holds
@@ -207,12 +217,12 @@ def run(args, rank: int, world: int, device: torch.device) -> None:
         if args.ckpt_every and done % args.ckpt_every == 0:
             save_checkpoint(args, done, model, opt, losses, rank, world)
         if rank == 0:
-            progress(args, done, first, losses[-1], tokens_per_step, start, device)
+            progress(args, done, timed_from, losses[-1], tokens_per_step, start, device)
     elapsed = time.perf_counter() - start
     if rank == 0:
         metrics = {
             "loss_kind": args.loss, "world": world, "device": device.type, "losses": losses,
-            "tokens_per_s": (args.steps - first) * tokens_per_step / max(elapsed, 1e-9),
+            "tokens_per_s": (args.steps - timed_from) * tokens_per_step / max(elapsed, 1e-9),
             "peak_mb": memory_mb(device), "loss_peak_mb": loss_peak_mb,
             "vocab_size": args.vocab_size,
             "memory_kind": "GPU allocator peak" if device.type == "cuda" else "process peak RSS",

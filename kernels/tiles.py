@@ -40,8 +40,8 @@ class BlockConfig:
     mm_num_stages: int = 2
     target_programs: int = 1024
     max_lent_fraction: float = 0.25
-    fw_block_n: int = 256
-    fw_block_d: int = 64
+    fw_block_n: int = 128
+    fw_block_d: int = 128
     fw_num_warps: int = 8
     fw_num_stages: int = 3
 
@@ -67,7 +67,7 @@ def interpreting() -> bool:
 
 
 # fp32 tiles take twice the shared memory: thinner reduction steps and fewer stages.
-GPU_FP32_CONFIG = replace(GPU_CONFIG, block_d=32, out_block_d=64, fw_block_n=128, fw_block_d=32)
+GPU_FP32_CONFIG = replace(GPU_CONFIG, block_d=32, out_block_d=64, fw_block_d=32)
 
 
 def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BlockConfig:

@@ -6,7 +6,9 @@
   ZeRO-3-safe by construction. Its parameters carry ``tensor_model_parallel`` (DeepSpeed then
   counts them on every TP rank in the gradient norm) and are not ``nn.Linear`` (AutoTP leaves
   them alone).
-* :func:`make_mpu` builds the model-parallel unit ``deepspeed.initialize(mpu=...)`` needs.
+* :func:`make_mpu` builds the model-parallel unit ``deepspeed.initialize(mpu=...)`` needs, or,
+  when the DeepSpeed config sets ``tensor_parallel.autotp_size``, wraps DeepSpeed's own
+  tensor-/data-parallel groups (created early, so that the head and AutoTP share them).
   It is mandatory: without it DeepSpeed treats every rank as data-parallel, broadcasts rank 0's
   shard over the others at initialisation and averages the shards' gradients across the
   tensor-parallel ranks, silently training one wrong shard everywhere. The head detects that at
@@ -140,6 +142,31 @@ class ModelParallelUnit:
             if rank in ranks:
                 self._dp, self._dp_ranks = g, ranks
 
+    @classmethod
+    def from_deepspeed_groups(cls, tensor_parallel_size: int) -> "ModelParallelUnit":
+        """DeepSpeed's own AutoTP groups (``deepspeed.utils.groups``), created now if they do
+        not exist yet; ``deepspeed.initialize`` with the same ``autotp_size`` then reuses them."""
+        import deepspeed
+        from deepspeed.utils import groups
+
+        if not deepspeed.comm.is_initialized():  # wraps the existing torch process group
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+        world = dist.get_world_size()
+        if tensor_parallel_size < 1 or world % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) must divide the "
+                             f"world size ({world})")
+        groups._init_tp_mesh_device(tensor_model_parallel_size=tensor_parallel_size)
+        unit = cls.__new__(cls)
+        unit._tp = groups.get_tensor_model_parallel_group()
+        unit._dp = groups.get_data_parallel_group()
+        unit._tp_ranks = dist.get_process_group_ranks(unit._tp)
+        unit._dp_ranks = dist.get_process_group_ranks(unit._dp)
+        unit._tp_size, unit._dp_size = len(unit._tp_ranks), len(unit._dp_ranks)
+        if unit._tp_size != tensor_parallel_size:
+            raise ValueError(f"DeepSpeed's tensor-parallel groups have {unit._tp_size} ranks, "
+                             f"not tensor_parallel_size={tensor_parallel_size}")
+        return unit
+
     def get_tensor_model_parallel_group(self):
         return self._tp
 
@@ -169,9 +196,19 @@ class ModelParallelUnit:
         return list(self._dp_ranks)
 
 
-def make_mpu(tensor_parallel_size: int) -> ModelParallelUnit:
+def make_mpu(tensor_parallel_size: int, config: Optional[dict] = None) -> ModelParallelUnit:
     """The ``mpu`` for ``deepspeed.initialize``: call on every rank after the process group
-    exists; pass ``mpu.get_tensor_model_parallel_group()`` as the head's ``group``."""
+    exists; pass ``mpu.get_tensor_model_parallel_group()`` as the head's ``group``.
+
+    With ``config`` (the DeepSpeed config dict) setting ``tensor_parallel.autotp_size``, the unit
+    wraps DeepSpeed's own AutoTP groups instead of building its own (the sizes must agree).
+    """
+    autotp = ((config or {}).get("tensor_parallel") or {}).get("autotp_size", 0)
+    if autotp:
+        if autotp != tensor_parallel_size:
+            raise ValueError(f"config tensor_parallel.autotp_size ({autotp}) differs from "
+                             f"tensor_parallel_size ({tensor_parallel_size})")
+        return ModelParallelUnit.from_deepspeed_groups(tensor_parallel_size)
     return ModelParallelUnit(tensor_parallel_size)
 
 

@@ -65,6 +65,16 @@ def lend_any_share():
         tiles.GPU_CONFIG = saved
 
 
+@contextlib.contextmanager
+def tiles_of_128_rows():
+    saved = tiles.GPU_CONFIG
+    tiles.GPU_CONFIG = dataclasses.replace(saved, block_n=128, fw_block_n=128)
+    try:
+        yield
+    finally:
+        tiles.GPU_CONFIG = saved
+
+
 def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
     for _ in range(warmup):
         torch.autograd.grad(fn(e, c, t), (e, c))
@@ -139,6 +149,7 @@ def main() -> None:
     if world > 1:
         methods["cce-dist no-overlap"] = (methods["cce-dist"][0], no_overlap)
     methods["cce-dist lend-all"] = (methods["cce-dist"][0], lend_any_share)
+    methods["cce-dist bn128"] = (methods["cce-dist"][0], tiles_of_128_rows)
     try:
         from megatron.core import parallel_state
 

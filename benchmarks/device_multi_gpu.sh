@@ -44,7 +44,7 @@ for stage in "${@:-tests}"; do
         2>&1 | tr '\r' '\n' | grep -v -i warn | tail -25
       ;;
     vp)
-      for tp in 4 2 1; do
+      for tp in ${VP_TPS:-4 2 1}; do
         [ "$tp" -le "$NGPU" ] || continue
         extra=""; [ "$tp" = 1 ] && extra="--shard-times 4"
         run timeout 300 torchrun --nproc_per_node=$tp benchmarks/bench_vocab_parallel.py \

@@ -28,7 +28,7 @@ class BlockConfig:
     next to N x D; beyond the bound the workspace gets buffers of its own.
     """
 
-    block_n: int = 128
+    block_n: int = 64
     block_v: int = 128
     block_d: int = 128
     out_block_d: int = 256

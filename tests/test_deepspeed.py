@@ -253,7 +253,9 @@ def test_tied_head_is_refused_or_untied():
     assert torch.equal(wrapped.head.weight, model.embed.weight)
 
 
-def test_deepspeed_example_runs_under_torchrun(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_deepspeed_example_runs(launcher, tmp_path):
+    """launch/deepspeed_train.py under torchrun and under DeepSpeed's own launcher."""
     import re
     import subprocess
     import sys
@@ -263,12 +265,18 @@ def test_deepspeed_example_runs_under_torchrun(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, CCE_DIST_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
+    script = str(root / "launch" / "deepspeed_train.py")
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), script]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
+               "--master_port", str(free_port()), script]
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(free_port()), str(root / "launch" / "deepspeed_train.py"),
-         "--steps", "3", "--zero", "2", "--vocab-size", "600", "--d-model", "32",
-         "--seq-len", "16", "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
-        env=env, capture_output=True, text=True, timeout=600)
+        cmd + ["--steps", "3", "--zero", "2", "--vocab-size", "600", "--d-model", "32",
+               "--seq-len", "16", "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses), run.stdout[-2000:]
+    assert re.search(r"summary loss=cce zero=2 tp=2 dp=1 step_ms=[\d.]+", run.stdout)

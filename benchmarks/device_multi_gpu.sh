@@ -10,16 +10,9 @@
 #   deepspeed DeepSpeed step, original head vs CCE head
 # Carried wheels (.whl/) go to /tmp/site; logs and JSON to $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+. "$(dirname "$0")/device_env.sh"
+export CUDA_DEVICE_MAX_CONNECTIONS=1
 export CCE_DIST_CACHE=/tmp/cce_cache TORCH_EXTENSIONS_DIR=/tmp/torch_ext
-nvidia-smi -L; git log --oneline -1 2>/dev/null
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
 NGPU=$(nvidia-smi -L | wc -l)
 run() { echo "=== $*"; "$@"; echo "=== rc $?"; }
 for stage in "${@:-tests}"; do

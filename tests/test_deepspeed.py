@@ -191,9 +191,9 @@ def _autotp_worker(rank, world):
     from cce_dist.deepspeed import convert_lm_head, make_mpu
 
     # In this process (DeepSpeed AutoTP on the CPU) the Triton *interpreter* intermittently
-    # fails inside the custom op's dispatch (std::bad_alloc, vector::reserve, SIGSEGV; about
-    # half the runs; cause not found, see the closing notes): the head runs on the PyTorch
-    # reference here. The interpreted kernels are covered by every other test.
+    # fails inside the custom op's dispatch (std::bad_alloc, vector::reserve, SIGSEGV; up to
+    # half the runs under pytest; cause not found, see the closing notes): the head runs on the
+    # PyTorch reference here. The interpreted kernels are covered by every other test.
     os.environ["TRITON_INTERPRET"] = "0"
     _ds_env(world, rank)
     config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": 1},

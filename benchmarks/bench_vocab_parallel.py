@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -46,33 +47,9 @@ def megatron_loss(group):
     return loss
 
 
-@contextlib.contextmanager
-def no_overlap():
-    function.OVERLAP_DE_REDUCTION = False
-    try:
-        yield
-    finally:
-        function.OVERLAP_DE_REDUCTION = True
-
-
-@contextlib.contextmanager
-def lend_any_share():
-    saved = tiles.GPU_CONFIG
-    tiles.GPU_CONFIG = dataclasses.replace(saved, max_lent_fraction=1.0)
-    try:
-        yield
-    finally:
-        tiles.GPU_CONFIG = saved
-
-
-@contextlib.contextmanager
-def tiles_of_128_rows():
-    saved = tiles.GPU_CONFIG
-    tiles.GPU_CONFIG = dataclasses.replace(saved, block_n=128, fw_block_n=128)
-    try:
-        yield
-    finally:
-        tiles.GPU_CONFIG = saved
+def with_config(**changes):
+    """A context in which the GPU kernels use ``GPU_CONFIG`` with ``changes``."""
+    return mock.patch.object(tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, **changes))
 
 
 def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
@@ -147,9 +124,13 @@ def main() -> None:
                                                                 filter_eps=None), None),
     }
     if world > 1:
-        methods["cce-dist no-overlap"] = (methods["cce-dist"][0], no_overlap)
-    methods["cce-dist lend-all"] = (methods["cce-dist"][0], lend_any_share)
-    methods["cce-dist bn128"] = (methods["cce-dist"][0], tiles_of_128_rows)
+        methods["cce-dist no-overlap"] = (
+            methods["cce-dist"][0],
+            lambda: mock.patch.object(function, "OVERLAP_DE_REDUCTION", False))
+    methods["cce-dist lend-all"] = (methods["cce-dist"][0],
+                                    lambda: with_config(max_lent_fraction=1.0))
+    methods["cce-dist bn128"] = (methods["cce-dist"][0],
+                                 lambda: with_config(block_n=128, fw_block_n=128))
     try:
         from megatron.core import parallel_state
 

@@ -120,27 +120,40 @@ class VocabParallelCCEHead(nn.Module):
         )
 
 
-class ModelParallelUnit:
-    """Megatron-style getters over contiguous TP groups and strided DP groups:
-    with world W and TP size t, TP group k is ranks [k t, (k+1) t) and DP group j is
-    ranks j, j + t, j + 2t, ..."""
+def _check_tensor_parallel_size(t: int) -> int:
+    """The world size, once ``t`` is known to divide it."""
+    world = dist.get_world_size()
+    if t < 1 or world % t:
+        raise ValueError(f"tensor_parallel_size ({t}) must divide the world size ({world})")
+    return world
 
-    def __init__(self, tensor_parallel_size: int) -> None:
-        world, rank = dist.get_world_size(), dist.get_rank()
+
+class ModelParallelUnit:
+    """Megatron-style getters over a tensor-parallel and a data-parallel group (see
+    :func:`make_mpu` for the two ways of building one)."""
+
+    def __init__(self, tp_group, dp_group) -> None:
+        self._tp, self._dp = tp_group, dp_group
+        self._tp_ranks = dist.get_process_group_ranks(tp_group)
+        self._dp_ranks = dist.get_process_group_ranks(dp_group)
+        self._tp_size, self._dp_size = len(self._tp_ranks), len(self._dp_ranks)
+
+    @classmethod
+    def contiguous(cls, tensor_parallel_size: int) -> "ModelParallelUnit":
+        """With world W and TP size t: TP group k is ranks [k t, (k+1) t), DP group j is ranks
+        j, j + t, j + 2t, ..."""
         t = tensor_parallel_size
-        if t < 1 or world % t:
-            raise ValueError(f"tensor_parallel_size ({t}) must divide the world size ({world})")
-        self._tp_size, self._dp_size = t, world // t
+        world, rank = _check_tensor_parallel_size(t), dist.get_rank()
+        tp = dp = None
         for k in range(world // t):  # every rank creates every group, in the same order
             ranks = list(range(k * t, (k + 1) * t))
             g = dist.new_group(ranks)
-            if rank in ranks:
-                self._tp, self._tp_ranks = g, ranks
+            tp = g if rank in ranks else tp
         for j in range(t):
             ranks = list(range(j, world, t))
             g = dist.new_group(ranks)
-            if rank in ranks:
-                self._dp, self._dp_ranks = g, ranks
+            dp = g if rank in ranks else dp
+        return cls(tp, dp)
 
     @classmethod
     def from_deepspeed_groups(cls, tensor_parallel_size: int) -> "ModelParallelUnit":
@@ -151,17 +164,9 @@ class ModelParallelUnit:
 
         if not deepspeed.comm.is_initialized():  # wraps the existing torch process group
             deepspeed.init_distributed(dist_backend=dist.get_backend())
-        world = dist.get_world_size()
-        if tensor_parallel_size < 1 or world % tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size ({tensor_parallel_size}) must divide the "
-                             f"world size ({world})")
+        _check_tensor_parallel_size(tensor_parallel_size)
         groups._init_tp_mesh_device(tensor_model_parallel_size=tensor_parallel_size)
-        unit = cls.__new__(cls)
-        unit._tp = groups.get_tensor_model_parallel_group()
-        unit._dp = groups.get_data_parallel_group()
-        unit._tp_ranks = dist.get_process_group_ranks(unit._tp)
-        unit._dp_ranks = dist.get_process_group_ranks(unit._dp)
-        unit._tp_size, unit._dp_size = len(unit._tp_ranks), len(unit._dp_ranks)
+        unit = cls(groups.get_tensor_model_parallel_group(), groups.get_data_parallel_group())
         if unit._tp_size != tensor_parallel_size:
             raise ValueError(f"DeepSpeed's tensor-parallel groups have {unit._tp_size} ranks, "
                              f"not tensor_parallel_size={tensor_parallel_size}")
@@ -198,7 +203,8 @@ class ModelParallelUnit:
 
 def make_mpu(tensor_parallel_size: int, config: Optional[dict] = None) -> ModelParallelUnit:
     """The ``mpu`` for ``deepspeed.initialize``: call on every rank after the process group
-    exists; pass ``mpu.get_tensor_model_parallel_group()`` as the head's ``group``.
+    exists; pass ``mpu.get_tensor_model_parallel_group()`` as the head's ``group``. Its groups
+    are contiguous TP groups and strided DP groups (:meth:`ModelParallelUnit.contiguous`).
 
     With ``config`` (the DeepSpeed config dict) setting ``tensor_parallel.autotp_size``, the unit
     wraps DeepSpeed's own AutoTP groups instead of building its own (the sizes must agree).
@@ -209,7 +215,7 @@ def make_mpu(tensor_parallel_size: int, config: Optional[dict] = None) -> ModelP
             raise ValueError(f"config tensor_parallel.autotp_size ({autotp}) differs from "
                              f"tensor_parallel_size ({tensor_parallel_size})")
         return ModelParallelUnit.from_deepspeed_groups(tensor_parallel_size)
-    return ModelParallelUnit(tensor_parallel_size)
+    return ModelParallelUnit.contiguous(tensor_parallel_size)
 
 
 class _PassHidden(nn.Module):

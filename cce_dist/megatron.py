@@ -123,7 +123,6 @@ def cce_output_processor(
     output_weight,
     labels,
     config,
-    compute_language_model_loss,
     scale_logits,
     runtime_gather_output=None,
     inference_context=None,

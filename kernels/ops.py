@@ -89,16 +89,8 @@ def cce_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial dE (N, D) and dC (V, D) from the global LSE, in the input dtype (dE in fp32, or
     fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding)."""
-    if backend == "triton":
-        from . import triton_backward
-
-        return triton_backward.backward(
-            e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            default_config(e.device, e.dtype), de_fp32=de_fp32,
-        )
-    return reference.backward(
-        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=de_fp32
-    )
+    return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+                     de_fp32, None)
 
 
 @cce_backward.register_fake
@@ -126,15 +118,22 @@ def cce_backward_notify(
     Not a custom op (a callable cannot cross that boundary): eager callers only, e.g. to start
     the cross-rank dE reduction while dC is still being computed.
     """
+    return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+                     True, on_de_ready)
+
+
+def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+              de_fp32, on_de_ready):
     if backend == "triton":
         from . import triton_backward
 
         return triton_backward.backward(
             e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            default_config(e.device, e.dtype), de_fp32=True, on_de_ready=on_de_ready,
+            default_config(e.device, e.dtype), de_fp32=de_fp32, on_de_ready=on_de_ready,
         )
     de, dc = reference.backward(
-        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=True
+        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=de_fp32
     )
-    on_de_ready(de)
+    if on_de_ready is not None:
+        on_de_ready(de)
     return de, dc

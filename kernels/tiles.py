@@ -17,15 +17,17 @@ class BlockConfig:
     ``block_n`` x ``block_v`` is the logits tile, and also the granularity of gradient filtering
     (the forward records each tile's largest logit on this grid, the backward skips whole tiles).
     ``block_d`` is the step of the reduction over D. ``chunk_v`` is how many vocabulary rows the
-    backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own storage where it fits;
-    ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its own). ``out_block_d``
-    is the D-width of one output tile of the dE / dC products; ``mm_*`` their launch settings.
+    backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own
+    storage where it fits; ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its
+    own). ``out_block_d`` is the D-width of one output tile of the dE / dC products; ``mm_*``
+    their launch settings.
     The forward may walk taller blocks of ``fw_block_n`` rows (a multiple of ``block_n``: more
     products per byte loaded) with its own ``fw_block_d`` and launch settings; it still records
-    tile maxima on the ``block_n`` x ``block_v`` grid. ``max_lent_fraction`` bounds the share of dC's rows that may be lent to the backward's
-    workspace: lent rows have their dl computed twice (once for dE, once for dC), which is cheap
-    when they are a small tail of a large vocabulary and not when a vocabulary shard is small
-    next to N x D; beyond the bound the workspace gets buffers of its own.
+    tile maxima on the ``block_n`` x ``block_v`` grid. ``max_lent_fraction`` bounds the share of
+    dC's rows that may be lent to the backward's workspace: lent rows have their dl computed
+    twice (once for dE, once for dC), which is cheap when they are a small tail of a large
+    vocabulary and not when a vocabulary shard is small next to N x D; beyond the bound the
+    workspace gets buffers of its own.
     """
 
     block_n: int = 64

@@ -118,6 +118,18 @@ def test_matches_single_device(world):
     run_ranks(world, _parity_worker, None)
 
 
+def _serial_reduction_worker(rank, world):
+    """The dE reduction after the whole backward (the path torch.compile takes)."""
+    from cce_dist.parallel import function
+
+    function.OVERLAP_DE_REDUCTION = False
+    _parity_worker(rank, world, None)
+
+
+def test_matches_single_device_without_overlap():
+    run_ranks(2, _serial_reduction_worker)
+
+
 def test_tensor_parallel_subgroups_in_a_larger_world():
     run_ranks(4, _parity_worker, [[0, 1], [2, 3]])
 

@@ -33,38 +33,10 @@ def _data(step):
                                                                           generator=g)
 
 
-class MLPBlock(nn.Module):
-    """Linear layers named as AutoTP expects (up: column-parallel, down: row-parallel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.up_proj = nn.Linear(D, 2 * D)
-        self.down_proj = nn.Linear(2 * D, D)
-
-    def forward(self, x):
-        return x + self.down_proj(torch.tanh(self.up_proj(x)))
-
-
-class BlockLM(nn.Module):
-    """TinyLM with its body in an nn.ModuleList of blocks, the structure AutoTP parses."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(V, D)
-        self.layers = nn.ModuleList([MLPBlock()])
-        self.lm_head = nn.Linear(D, V, bias=False)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(x)
-
-
-def _reference(model_cls=TinyLM):
+def _reference():
     """Loss per step and final parameters of plain single-process training (SGD)."""
     torch.manual_seed(0)
-    model = model_cls()
+    model = TinyLM()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
@@ -171,75 +143,44 @@ def test_head_matches_single_process_reference_nccl(world, tp, tmp_path):
     run_ranks(world, _worker, tp, str(tmp_path), "cuda", backend="nccl")
 
 
-class NativeLossModel(nn.Module):
-    """The unconverted model with F.cross_entropy in its forward (AutoTP needs "Model" in the
-    class name to find a policy)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, labels):
-        logits = self.model(tokens)[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1))
-
-
-def _autotp_worker(rank, world):
-    import deepspeed
+def _autotp_groups_worker(rank, world):
+    import deepspeed  # noqa: F401
     from deepspeed.utils import groups
 
-    from cce_dist.deepspeed import convert_lm_head, make_mpu
+    from cce_dist.deepspeed import VocabParallelCCEHead, make_mpu
 
-    # In this process (DeepSpeed AutoTP on the CPU) the Triton *interpreter* intermittently
-    # fails inside the custom op's dispatch (std::bad_alloc, vector::reserve, SIGSEGV; up to
-    # half the runs under pytest; cause not found, see the closing notes): the head runs on the
-    # PyTorch reference here. The interpreted kernels are covered by every other test.
-    os.environ["TRITON_INTERPRET"] = "0"
     _ds_env(world, rank)
-    config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": 1},
-              "zero_allow_untested_optimizer": True, "tensor_parallel": {"autotp_size": world}}
+    config = {"tensor_parallel": {"autotp_size": world}}
+    with pytest.raises(ValueError, match="autotp_size"):
+        make_mpu(1, config=config)
     mpu = make_mpu(world, config=config)
-    assert mpu.get_tensor_model_parallel_group() is groups.get_tensor_model_parallel_group()
+    tp = mpu.get_tensor_model_parallel_group()
+    assert tp is groups.get_tensor_model_parallel_group()
+    assert mpu.get_data_parallel_group() is groups.get_data_parallel_group()
+    assert mpu.get_tensor_model_parallel_world_size() == world
     assert mpu.get_data_parallel_world_size() == 1
-    runs = {}
-    for kind in ("native", "cce"):
-        torch.manual_seed(0)
-        model = BlockLM()
-        if kind == "cce":
-            model = convert_lm_head(model, group=mpu.get_tensor_model_parallel_group())
-        else:
-            model = NativeLossModel(model)
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=config,
-            mpu=mpu)
-        assert type(engine.module.model.layers[0].up_proj) is not nn.Linear, "AutoTP idle"
-        losses = []
-        for step in range(STEPS):
-            tokens, labels = _data(step)
-            loss = engine(tokens, labels=labels)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        runs[kind] = losses, {k: p.detach().clone()
-                              for k, p in engine.module.named_parameters()}
-    # The same training as DeepSpeed's own AutoTP run with the replicated nn.Linear head
-    # (which itself differs slightly from single-process SGD, head or no head).
-    (want, native), (got, cce) = runs["native"], runs["cce"]
-    assert all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
-    for name in ("model.embed.weight", "model.layers.0.down_proj.bias",
-                 "model.layers.0.down_proj.weight", "model.layers.0.up_proj.weight"):
-        assert torch.allclose(cce[name], native[name], atol=1e-5), name
-    lo = model.head.vocab_start
-    rows = cce["head.weight"].shape[0]
-    assert torch.allclose(cce["head.weight"], native["model.lm_head.weight"][lo:lo + rows],
-                          atol=1e-5)
+    # The head over DeepSpeed's TP group: loss and gradients of one nn.Linear + F.cross_entropy.
+    torch.manual_seed(0)
+    linear = nn.Linear(D, V, bias=False)
+    head = VocabParallelCCEHead.from_linear(linear, group=tp)
+    hidden = torch.randn(BATCH * SEQ, D, requires_grad=True)
+    labels = torch.randint(0, V, (BATCH * SEQ,))
+    loss = head(hidden, labels)
+    loss.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = F.cross_entropy(linear(ref_hidden), labels)
+    ref.backward()
+    lo, rows = head.vocab_start, head.weight.shape[0]
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(hidden.grad, ref_hidden.grad, atol=1e-6)
+    assert torch.allclose(head.weight.grad, linear.weight.grad[lo:lo + rows], atol=1e-6)
 
 
-def test_head_shares_deepspeed_autotp_groups():
-    """With tensor_parallel.autotp_size, make_mpu wraps DeepSpeed's own groups: AutoTP shards
-    the body's Linear layers and the head shards the vocabulary over the same TP group; losses
-    and parameters after SGD steps equal DeepSpeed's AutoTP run with the original head."""
-    run_ranks(2, _autotp_worker)
+def test_make_mpu_reuses_deepspeed_autotp_groups():
+    """With tensor_parallel.autotp_size, make_mpu wraps DeepSpeed's own TP / DP groups (the ones
+    AutoTP uses), refuses a different size, and the head computes the right loss over them.
+    Training through AutoTP's engine with the head is not tested here: see the README."""
+    run_ranks(2, _autotp_groups_worker)
 
 
 def test_missing_mpu_is_caught_at_the_first_step():

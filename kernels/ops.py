@@ -15,7 +15,7 @@ import torch
 import triton
 
 from . import reference
-from .tiles import BlockConfig, default_config, interpreting
+from .tiles import BlockConfig, backward_config, default_config, interpreting
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -129,7 +129,8 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
 
         return triton_backward.backward(
             e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            default_config(e.device, e.dtype), de_fp32=de_fp32, on_de_ready=on_de_ready,
+            backward_config(default_config(e.device, e.dtype), filter_eps is not None),
+            de_fp32=de_fp32, on_de_ready=on_de_ready,
         )
     de, dc = reference.backward(
         e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=de_fp32

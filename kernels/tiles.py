@@ -20,10 +20,11 @@ class BlockConfig:
     backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own
     storage where it fits; ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its
     own). ``out_block_d`` is the D-width of one output tile of the dE / dC products; ``mm_*``
-    their launch settings.
-    The forward may walk taller blocks of ``fw_block_n`` rows (a multiple of ``block_n``: more
-    products per byte loaded) with its own ``fw_block_d`` and launch settings; it still records
-    tile maxima on the ``block_n`` x ``block_v`` grid. ``max_lent_fraction`` bounds the share of
+    their launch settings. Without filtering the backward uses ``exact_block_n`` rows per tile
+    instead: no tile is skipped, so taller tiles only make the products more efficient.
+    The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
+    ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
+    launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid. ``max_lent_fraction`` bounds the share of
     dC's rows that may be lent to the backward's workspace: lent rows have their dl computed
     twice (once for dE, once for dC), which is cheap when they are a small tail of a large
     vocabulary and not when a vocabulary shard is small next to N x D; beyond the bound the
@@ -42,16 +43,19 @@ class BlockConfig:
     mm_num_stages: int = 2
     target_programs: int = 1024
     max_lent_fraction: float = 0.25
+    exact_block_n: int = 128
     fw_block_n: int = 128
+    fw_block_v: int = 128
     fw_block_d: int = 128
     fw_num_warps: int = 8
     fw_num_stages: int = 3
 
     def __post_init__(self) -> None:
-        ratio = self.fw_block_n // self.block_n
-        if self.fw_block_n % self.block_n or ratio & (ratio - 1):
-            raise ValueError(f"fw_block_n ({self.fw_block_n}) must be block_n ({self.block_n}) "
-                             "times a power of two")
+        for fw, tile in (("fw_block_n", "block_n"), ("fw_block_v", "block_v")):
+            big, small = getattr(self, fw), getattr(self, tile)
+            ratio = big // small
+            if big % small or ratio & (ratio - 1):
+                raise ValueError(f"{fw} ({big}) must be {tile} ({small}) times a power of two")
 
 
 GPU_CONFIG = BlockConfig()
@@ -60,7 +64,8 @@ GPU_CONFIG = BlockConfig()
 INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, tail_chunk_v=32,
     num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
-    max_lent_fraction=1.0, fw_block_n=32, fw_block_d=16, fw_num_warps=1, fw_num_stages=1,
+    max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
+    fw_num_warps=1, fw_num_stages=1,
 )
 
 
@@ -76,6 +81,11 @@ def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) ->
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     return GPU_FP32_CONFIG if dtype == torch.float32 else GPU_CONFIG
+
+
+def backward_config(cfg: BlockConfig, filtered: bool) -> BlockConfig:
+    """The tiles the backward walks: ``cfg``, or ``exact_block_n``-row tiles without filtering."""
+    return cfg if filtered else replace(cfg, block_n=cfg.exact_block_n)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -20,16 +20,17 @@ from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
 @triton.jit
 def _forward_kernel(
     e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, tile_max_ptr,
-    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles,
+    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles,
     stride_en, stride_ed, stride_cv, stride_cd,
-    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    tiles = pid_n * (BLOCK_N // TILE_N) + tl.arange(0, BLOCK_N // TILE_N)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -44,12 +45,19 @@ def _forward_kernel(
         )
         mask_v = offs_v < V
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
-        row_max = tl.max(logits, axis=1)
-        # One maximum per TILE_N rows: the backward's filtering grid.
-        tile_max = tl.max(tl.reshape(tl.where(mask_n, row_max, float("-inf")),
-                                     (BLOCK_N // TILE_N, TILE_N)), axis=1)
-        tiles = pid_n * (BLOCK_N // TILE_N) + tl.arange(0, BLOCK_N // TILE_N)
-        tl.store(tile_max_ptr + tiles * num_v_blocks + vb, tile_max, mask=tiles < num_n_tiles)
+        # One maximum per TILE_N x TILE_V tile: the backward's filtering grid.
+        if BLOCK_V == TILE_V:
+            row_max = tl.max(logits, axis=1)
+            _store_tile_max(tile_max_ptr, row_max, mask_n, tiles, vb, num_n_tiles, num_v_tiles,
+                            BLOCK_N, TILE_N)
+        else:
+            row_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+            group = tl.arange(0, BLOCK_V) // TILE_V
+            for j in tl.static_range(BLOCK_V // TILE_V):
+                part = tl.max(tl.where((group == j)[None, :], logits, float("-inf")), axis=1)
+                row_max = tl.maximum(row_max, part)
+                _store_tile_max(tile_max_ptr, part, mask_n, tiles, vb * (BLOCK_V // TILE_V) + j,
+                                num_n_tiles, num_v_tiles, BLOCK_N, TILE_N)
         m_new = tl.maximum(m, row_max)
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
@@ -58,6 +66,17 @@ def _forward_kernel(
     lse = m + tl.log(s)
     tl.store(lse_part_ptr + pid_s * N + offs_n, lse, mask=mask_n)
     tl.store(tgt_part_ptr + pid_s * N + offs_n, tgt, mask=mask_n)
+
+
+@triton.jit
+def _store_tile_max(tile_max_ptr, row_max, mask_n, tiles, vt, num_n_tiles, num_v_tiles,
+                    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
+    """Stores, for vocabulary tile ``vt``, the largest of ``row_max`` over each TILE_N rows."""
+    tile_max = tl.max(tl.reshape(tl.where(mask_n, row_max, float("-inf")),
+                                 (BLOCK_N // TILE_N, TILE_N)), axis=1)
+    vts = tl.zeros_like(tiles) + vt
+    tl.store(tile_max_ptr + tiles * num_v_tiles + vts, tile_max,
+             mask=(tiles < num_n_tiles) & (vts < num_v_tiles))
 
 
 def forward(
@@ -75,9 +94,10 @@ def forward(
     n, d = e.shape
     v = c.shape[0]
     n_tiles = triton.cdiv(n, cfg.block_n)
+    v_tiles = triton.cdiv(v, cfg.block_v)
     n_blocks = triton.cdiv(n, cfg.fw_block_n)
-    v_blocks = triton.cdiv(v, cfg.block_v)
-    tile_max = torch.empty((n_tiles, v_blocks), dtype=torch.float32, device=e.device)
+    v_blocks = triton.cdiv(v, cfg.fw_block_v)
+    tile_max = torch.empty((n_tiles, v_tiles), dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max
@@ -88,10 +108,10 @@ def forward(
     tgt_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
     _forward_kernel[(n_blocks, splits)](
         e, c, targets, lse_part, tgt_part, tile_max,
-        n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles,
+        n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
-        BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.fw_block_d,
-        PRECISION=dot_precision(e.dtype),
+        BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
+        BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype),
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
     if splits == 1:

@@ -86,6 +86,33 @@ def test_filtering_has_exact_tile_semantics(eps):
     assert rel_err(de, want_de) < 1e-5 and rel_err(dc, want_dc) < 1e-5
 
 
+@pytest.mark.parametrize("fw_block_n,fw_block_v", [(16, 16), (32, 16), (16, 64), (32, 32)])
+def test_forward_records_each_tiles_largest_logit(fw_block_n, fw_block_v):
+    """Whatever block the forward walks, tile_max[i, j] is the largest logit of the
+    (block_n x block_v) tile (i, j), edge tiles included; LSE and target logits are unchanged."""
+    from dataclasses import replace
+
+    from cce_dist.kernels import triton_forward
+    from cce_dist.kernels.tiles import default_config
+
+    cfg = replace(default_config(torch.device("cpu")), fw_block_n=fw_block_n,
+                  fw_block_v=fw_block_v)
+    n, d, v, start = 37, 24, 90, 40
+    e, c, t = make_inputs("lm", n, d, v + start, dtype=torch.float32, seed=7)
+    c = c[start:]
+    lse, tgt, tile_max = triton_forward.forward(e, c, t, start, cfg)
+    logits = e.double() @ c.double().T
+    bn, bv = cfg.block_n, cfg.block_v
+    want = torch.stack([
+        torch.stack([logits[i:i + bn, j:j + bv].max() for j in range(0, v, bv)])
+        for i in range(0, n, bn)
+    ])
+    assert tile_max.shape == want.shape
+    assert torch.allclose(tile_max.double(), want, rtol=1e-5, atol=1e-5)
+    ref_lse, ref_tgt = cce_forward(e.double(), c.double(), t, start, "reference")[:2]
+    assert rel_err(lse, ref_lse) < 1e-6 and rel_err(tgt, ref_tgt) < 1e-6
+
+
 @pytest.mark.parametrize("regime", ["lm", "spread"])
 def test_default_filter_within_twice_exact_error_on_peaked_data(regime):
     e, c, t = make_inputs(regime, 128, 64, 500, dtype=torch.bfloat16, seed=4)

@@ -24,6 +24,9 @@ from cce_dist.testing import make_inputs
 
 VARIANTS = {
     "default": {},
+    # The defaults before 2026-11-28's third session (128 x 128 forward blocks, 4096-row chunks).
+    "old": {"fw_block_v": 128, "fw_block_d": 128, "block_d": 128, "num_stages": 3,
+            "chunk_v": 4096},
     "fw_v256": {"fw_block_v": 256, "fw_block_d": 64, "fw_num_stages": 3},
     "fw_v256_s4": {"fw_block_v": 256, "fw_block_d": 64, "fw_num_stages": 4},
     "fw_v256_bd128_s2": {"fw_block_v": 256, "fw_block_d": 128, "fw_num_stages": 2},

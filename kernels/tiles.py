@@ -16,37 +16,40 @@ class BlockConfig:
 
     ``block_n`` x ``block_v`` is the logits tile, and also the granularity of gradient filtering
     (the forward records each tile's largest logit on this grid, the backward skips whole tiles).
-    ``block_d`` is the step of the reduction over D. ``chunk_v`` is how many vocabulary rows the
-    backward materializes gradients for at once (N x chunk_v in the input dtype, inside dC's own
-    storage where it fits; ``tail_chunk_v`` for the last rows, whose dl needs a buffer of its
-    own). ``out_block_d`` is the D-width of one output tile of the dE / dC products; ``mm_*``
-    their launch settings. Without filtering the backward uses ``exact_block_n`` rows per tile
-    instead: no tile is skipped, so taller tiles only make the products more efficient.
+    ``block_d`` is the step of the reduction over D. The backward materializes the gradients of
+    the logits (dl, N x chunk in the input dtype) for ``chunk_v`` vocabulary rows at once, or
+    ``lent_chunk_v`` when its workspace lives in dC's own storage (``tail_chunk_v`` for the lent
+    rows, whose dl needs a buffer of its own): fewer, larger chunks mean fewer passes of the
+    fp32 dE accumulator through memory, lent ones cost nothing beyond the gradients.
+    ``max_lent_fraction`` bounds the share of dC's rows that may be lent to the workspace: lent
+    rows have their dl computed twice (once for dE, once for dC), which is cheap when they are a
+    small tail of a large vocabulary and not when a vocabulary shard is small next to N x D;
+    beyond the bound the workspace gets buffers of its own. ``out_block_d`` is the D-width of
+    one output tile of the dE / dC products; ``mm_*`` their launch settings. Without filtering
+    the backward uses ``exact_block_n`` rows per tile: no tile is skipped, so taller tiles only
+    make the products more efficient.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
-    launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid. ``max_lent_fraction`` bounds the share of
-    dC's rows that may be lent to the backward's workspace: lent rows have their dl computed
-    twice (once for dE, once for dC), which is cheap when they are a small tail of a large
-    vocabulary and not when a vocabulary shard is small next to N x D; beyond the bound the
-    workspace gets buffers of its own.
+    launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
     """
 
     block_n: int = 64
     block_v: int = 128
-    block_d: int = 128
+    block_d: int = 64
     out_block_d: int = 256
-    chunk_v: int = 4096
+    chunk_v: int = 8192
+    lent_chunk_v: int = 4096
     tail_chunk_v: int = 1024
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4
     mm_num_warps: int = 8
     mm_num_stages: int = 2
     target_programs: int = 1024
     max_lent_fraction: float = 0.25
     exact_block_n: int = 128
     fw_block_n: int = 128
-    fw_block_v: int = 128
-    fw_block_d: int = 128
+    fw_block_v: int = 256
+    fw_block_d: int = 64
     fw_num_warps: int = 8
     fw_num_stages: int = 3
 
@@ -62,7 +65,8 @@ GPU_CONFIG = BlockConfig()
 # Under TRITON_INTERPRET=1 the kernels run in numpy: small tiles keep tests fast and make small
 # shapes span several tiles, splits and chunks, so the masking and merging paths are exercised.
 INTERPRETER_CONFIG = BlockConfig(
-    block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=48, tail_chunk_v=32,
+    block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
+    tail_chunk_v=32,
     num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1,

@@ -1,6 +1,7 @@
 """Triton backward: dE and dC from the global LSE, with tile-level gradient filtering.
 
-The vocabulary is walked in chunks of ``cfg.chunk_v`` rows. For each chunk:
+The vocabulary is walked in chunks of ``cfg.chunk_v`` rows (``cfg.lent_chunk_v`` when the
+workspace is lent by dC, see :func:`workspace_split`). For each chunk:
 
 1. ``_dlogits_kernel`` writes ``dl = (softmax - onehot) * grad_scale`` for the chunk (N x chunk,
    input dtype) and one keep-flag per (token block, vocabulary block) tile. With filtering, a tile
@@ -258,9 +259,10 @@ def backward(
                     num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
                 )
 
-    chunk = max(bv, cfg.chunk_v // bv * bv)
+    chunk = max(bv, cfg.lent_chunk_v // bv * bv)
     split = workspace_split(n, d, v, chunk, bv, dc.element_size(), cfg.max_lent_fraction)
     if split == v:  # no rows lent: the workspace has buffers of its own
+        chunk = max(bv, cfg.chunk_v // bv * bv)
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         dl = torch.empty((n, min(chunk, v_blocks * bv)), dtype=e.dtype, device=e.device)
         out = {}

@@ -133,7 +133,7 @@ def test_backward_with_and_without_workspace_in_dc(v, dtype):
 
     n, d = 24, 16
     cfg = default_config(torch.device("cpu"))
-    split = workspace_split(n, d, v, cfg.chunk_v, cfg.block_v, dtype.itemsize)
+    split = workspace_split(n, d, v, cfg.lent_chunk_v, cfg.block_v, dtype.itemsize)
     assert (split < v) == (v == 400)
     e, c, t = make_inputs("spread", n, d, v, dtype=dtype, seed=5)
     e.requires_grad_(), c.requires_grad_()
@@ -156,7 +156,7 @@ def test_de_is_final_before_the_last_dc_work(v, lend, monkeypatch):
 
     cfg = replace(default_config(torch.device("cpu")), max_lent_fraction=lend)
     n, d = 24, 16
-    lent = triton_backward.workspace_split(n, d, v, cfg.chunk_v, cfg.block_v, 4, lend) < v
+    lent = triton_backward.workspace_split(n, d, v, cfg.lent_chunk_v, cfg.block_v, 4, lend) < v
     assert lent == (v == 400 and lend == 1.0)
     e, c, t = make_inputs("spread", n, d, v, dtype=torch.float32, seed=6)
     lse, _, tile_max = triton_forward.forward(e, c, t, 0, cfg)

@@ -26,7 +26,7 @@ VARIANTS = {
     "default": {},
     # The defaults before 2026-11-28's third session (128 x 128 forward blocks, 4096-row chunks).
     "old": {"fw_block_v": 128, "fw_block_d": 128, "block_d": 128, "num_stages": 3,
-            "chunk_v": 4096, "de_block_n": 64},
+            "chunk_v": 4096},
     "fw_v256": {"fw_block_v": 256, "fw_block_d": 64, "fw_num_stages": 3},
     "fw_v256_s4": {"fw_block_v": 256, "fw_block_d": 64, "fw_num_stages": 4},
     "fw_v256_bd128_s2": {"fw_block_v": 256, "fw_block_d": 128, "fw_num_stages": 2},
@@ -42,8 +42,6 @@ VARIANTS = {
     "mm_w4": {"mm_num_warps": 4},
     "chunk8k": {"chunk_v": 8192},
     "chunk16k": {"chunk_v": 16384},
-    "de64": {"de_block_n": 64},
-    "de256": {"de_block_n": 256, "out_block_d": 128},
 }
 
 

@@ -27,9 +27,7 @@ class BlockConfig:
     beyond the bound the workspace gets buffers of its own. ``out_block_d`` is the D-width of
     one output tile of the dE / dC products; ``mm_*`` their launch settings. Without filtering
     the backward uses ``exact_block_n`` rows per tile: no tile is skipped, so taller tiles only
-    make the products more efficient. The dE product walks blocks of ``de_block_n`` rows (a
-    multiple of ``block_n``; taller blocks load each C tile for more rows), reading the rows of
-    dropped tiles as zeros, so filtering keeps its ``block_n`` x ``block_v`` semantics.
+    make the products more efficient.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -49,7 +47,6 @@ class BlockConfig:
     target_programs: int = 1024
     max_lent_fraction: float = 0.25
     exact_block_n: int = 128
-    de_block_n: int = 128
     fw_block_n: int = 128
     fw_block_v: int = 256
     fw_block_d: int = 64
@@ -57,8 +54,7 @@ class BlockConfig:
     fw_num_stages: int = 3
 
     def __post_init__(self) -> None:
-        for fw, tile in (("fw_block_n", "block_n"), ("fw_block_v", "block_v"),
-                         ("de_block_n", "block_n")):
+        for fw, tile in (("fw_block_n", "block_n"), ("fw_block_v", "block_v")):
             big, small = getattr(self, fw), getattr(self, tile)
             ratio = big // small
             if big % small or ratio & (ratio - 1):
@@ -72,8 +68,8 @@ INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
     tail_chunk_v=32,
     num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
-    max_lent_fraction=1.0, exact_block_n=32, de_block_n=32, fw_block_n=32, fw_block_v=32,
-    fw_block_d=16, fw_num_warps=1, fw_num_stages=1,
+    max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
+    fw_num_warps=1, fw_num_stages=1,
 )
 
 
@@ -93,10 +89,7 @@ def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) ->
 
 def backward_config(cfg: BlockConfig, filtered: bool) -> BlockConfig:
     """The tiles the backward walks: ``cfg``, or ``exact_block_n``-row tiles without filtering."""
-    if filtered:
-        return cfg
-    return replace(cfg, block_n=cfg.exact_block_n,
-                   de_block_n=max(cfg.de_block_n, cfg.exact_block_n))
+    return cfg if filtered else replace(cfg, block_n=cfg.exact_block_n)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

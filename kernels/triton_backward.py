@@ -115,11 +115,11 @@ def _dc_kernel(
 
 @triton.jit
 def _de_kernel(
-    dl_ptr, c_ptr, de_ptr, order_ptr, count_ptr, flag_ptr,
+    dl_ptr, c_ptr, de_ptr, order_ptr, count_ptr,
     N, D, v0, vc, chunk_blocks, accumulate,
     stride_dln, stride_cv, stride_cd, stride_den,
-    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr,
-    BLOCK_DO: tl.constexpr, FILTER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr,
+    FILTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -140,13 +140,8 @@ def _de_kernel(
             vb = i
         offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_v = offs_c < vc
-        row_ok = mask_n
-        if FILTER and BLOCK_N > TILE_N:
-            # Taller than a filtering tile: rows of a dropped tile read as zeros (its dl is stale).
-            kept = tl.load(flag_ptr + (offs_n // TILE_N) * chunk_blocks + vb, mask=mask_n, other=0)
-            row_ok = mask_n & (kept != 0)
         dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
-                     mask=row_ok[:, None] & mask_v[None, :], other=0.0)
+                     mask=mask_n[:, None] & mask_v[None, :], other=0.0)
         c = tl.load(c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
                     + offs_d[None, :] * stride_cd,
                     mask=mask_v[:, None] & mask_d[None, :], other=0.0)
@@ -158,18 +153,12 @@ def _de_kernel(
     tl.store(de_ptrs, acc, mask=mask)
 
 
-def _kept_tile_lists(flags: torch.Tensor, rows_per_de_block: int) -> tuple[torch.Tensor, ...]:
-    """Kept tile indices first, and their counts: per column of the (n_blocks, chunk_blocks)
-    0/1 flags, and per row of the flags merged over ``rows_per_de_block`` consecutive rows (the
-    dE kernel's blocks)."""
-    by_column = torch.argsort((flags == 0).to(torch.int8), dim=0, stable=True).to(torch.int32)
-    count_col = flags.sum(0, dtype=torch.int32)
-    if rows_per_de_block > 1:
-        pad = -flags.shape[0] % rows_per_de_block
-        flags = torch.nn.functional.pad(flags, (0, 0, 0, pad))
-        flags = flags.view(-1, rows_per_de_block, flags.shape[1]).amax(dim=1)
-    by_row = torch.argsort((flags == 0).to(torch.int8), dim=1, stable=True).to(torch.int32)
-    return by_column, count_col, by_row, flags.sum(1, dtype=torch.int32)
+def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per column and per row of the (n_blocks, chunk_blocks) flags: kept tile indices first."""
+    dropped = (flags == 0).to(torch.int8)
+    by_column = torch.argsort(dropped, dim=0, stable=True).to(torch.int32)
+    by_row = torch.argsort(dropped, dim=1, stable=True).to(torch.int32)
+    return by_column, flags.sum(0, dtype=torch.int32), by_row, flags.sum(1, dtype=torch.int32)
 
 
 def workspace_split(
@@ -226,7 +215,6 @@ def backward(
             on_de_ready(de)
         return de, dc
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
-    de_bn = max(bn, cfg.de_block_n)
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
     precision = dot_precision(e.dtype)
@@ -248,17 +236,16 @@ def backward(
                 PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if use_filter:
-                by_col, count_col, by_row, count_row = _kept_tile_lists(flags, de_bn // bn)
+                by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
             else:
                 by_col = count_col = by_row = count_row = flags  # unused by the kernels
             # dE before dC: after the last chunk's dE, the caller may start reducing it.
             if want_de:
-                _de_kernel[(triton.cdiv(n, de_bn), triton.cdiv(d, bdo))](
-                    dl, c, de_acc, by_row, count_row, flags, n, d, v0, vc, cb,
+                _de_kernel[(n_blocks, triton.cdiv(d, bdo))](
+                    dl, c, de_acc, by_row, count_row, n, d, v0, vc, cb,
                     int(state["de_started"]),
                     dl.stride(0), c.stride(0), c.stride(1), de_acc.stride(0),
-                    BLOCK_N=de_bn, TILE_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter,
-                    PRECISION=precision,
+                    BLOCK_N=bn, BLOCK_V=bv, BLOCK_DO=bdo, FILTER=use_filter, PRECISION=precision,
                     num_warps=cfg.mm_num_warps, num_stages=cfg.mm_num_stages,
                 )
                 state["de_started"] = True

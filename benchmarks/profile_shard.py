@@ -3,7 +3,8 @@
 ``python benchmarks/profile_shard.py --shape 8192x4096x128256 --regime lm --shards 4 --ranks 0,3``
 For each variant (changes to ``GPU_CONFIG``; ``a+b`` combines two) and rank of an even ``--shards``-way split: the
 forward and the filtered backward of that rank's rows (with the global LSE) in ms (medians of
-``triton.testing.do_bench``), the share of (block_n x block_v) tiles the backward recomputes, and
+``triton.testing.do_bench``), the share of (block_n x block_v) tiles the backward recomputes, the
+peak extra memory of one forward + backward (dE in fp32 and the dC shard included), and
 with ``--profile`` the CUDA time per kernel for the first variant.
 """
 
@@ -86,7 +87,7 @@ def main() -> None:
     rows = []
     print(f"{args.shape} {args.regime}, {args.shards} shards; ms per call")
     print(f"{'variant':>18} {'rank':>4} {'fw':>6} {'TF/s':>5} {'bw':>6} {'bw exact':>8} "
-          f"{'kept':>5} {'total':>6}", flush=True)
+          f"{'kept':>5} {'total':>6} {'peak MB':>7}", flush=True)
     for k, name in enumerate(args.variants.split(",")):
         cfg = dataclasses.replace(tiles.GPU_CONFIG, **changes(name))
         with mock.patch.object(tiles, "GPU_CONFIG", cfg):
@@ -113,17 +114,30 @@ def main() -> None:
                           flush=True)
                     continue
                 kept = recomputed_share(tile_max, lse, t, lo, hi, cfg)
+                peak = peak_mb(lambda: bw(fw()[2]))
                 tf = 2 * n * d * (hi - lo) / fw_ms / 1e9
                 print(f"{name:>18} {rank:>4} {fw_ms:6.2f} {tf:5.0f} {bw_ms:6.2f} {ex_ms:8.2f} "
-                      f"{kept:5.2f} {fw_ms + bw_ms:6.2f}", flush=True)
+                      f"{kept:5.2f} {fw_ms + bw_ms:6.2f} {peak:7.0f}", flush=True)
                 rows.append(dict(shape=args.shape, regime=args.regime, shards=args.shards,
                                  rank=rank, variant=name, changes=changes(name), fw_ms=fw_ms,
-                                 bw_ms=bw_ms, bw_exact_ms=ex_ms, kept=kept))
+                                 bw_ms=bw_ms, bw_exact_ms=ex_ms, kept=kept, peak_mb=peak))
                 if args.profile and k == 0:
                     profile(fw, bw)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def peak_mb(fn) -> float:
+    """Largest extra allocation (MB) while ``fn`` runs, its outputs (dE, dC) included."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def profile(fw, bw, iters: int = 3) -> None:

@@ -1,11 +1,11 @@
 """Where the kernel time of one vocabulary shard goes, on one GPU, under tile-config variants.
 
 ``python benchmarks/profile_shard.py --shape 8192x4096x128256 --regime lm --shards 4 --ranks 0,3``
-For each variant (changes to ``GPU_CONFIG``; ``a+b`` combines two) and rank of an even ``--shards``-way split: the
-forward and the filtered backward of that rank's rows (with the global LSE) in ms (medians of
-``triton.testing.do_bench``), the share of (block_n x block_v) tiles the backward recomputes, the
-peak extra memory of one forward + backward (dE in fp32 and the dC shard included), and
-with ``--profile`` the CUDA time per kernel for the first variant.
+For each variant (changes to ``GPU_CONFIG``; ``a+b`` combines two) and rank of an even
+``--shards``-way split: the forward and the filtered backward of that rank's rows (with the global
+LSE) in ms (medians of ``triton.testing.do_bench``), the share of (block_n x block_v) tiles the
+backward recomputes, the peak extra memory of one forward + backward (dE in fp32 and the dC shard
+included), and with ``--profile`` the CUDA time per kernel for the first variant.
 """
 
 from __future__ import annotations

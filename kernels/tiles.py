@@ -66,8 +66,7 @@ GPU_CONFIG = BlockConfig()
 # shapes span several tiles, splits and chunks, so the masking and merging paths are exercised.
 INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
-    tail_chunk_v=32,
-    num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
+    tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1,
 )

@@ -43,10 +43,6 @@ VARIANTS = {
     "mm_w4": {"mm_num_warps": 4},
     "chunk8k": {"chunk_v": 8192},
     "chunk16k": {"chunk_v": 16384},
-    "fwg1": {"fw_group_n": 1},
-    "fwg8": {"fw_group_n": 8},
-    "dlg8": {"group_n": 8},
-    "dlg32": {"group_n": 32},
 }
 
 

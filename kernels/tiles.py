@@ -52,8 +52,6 @@ class BlockConfig:
     fw_block_d: int = 64
     fw_num_warps: int = 8
     fw_num_stages: int = 3
-    group_n: int = 0
-    fw_group_n: int = 0
 
     def __post_init__(self) -> None:
         for fw, tile in (("fw_block_n", "block_n"), ("fw_block_v", "block_v")):
@@ -70,7 +68,7 @@ INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
-    fw_num_warps=1, fw_num_stages=1, group_n=2,
+    fw_num_warps=1, fw_num_stages=1,
 )
 
 
@@ -130,20 +128,6 @@ def cast_out(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
-
-
-@triton.jit
-def grouped_ids(pid, rows, cols, GROUP: tl.constexpr):
-    """(row, col) of program ``pid`` on a rows x cols grid walked in groups of GROUP rows (all
-    columns of a group before the next group; rows fastest inside it), so that programs running
-    at the same time share a few rows' and a few columns' operands in L2. GROUP 0: one group."""
-    if GROUP == 0:
-        return pid % rows, pid // rows
-    else:
-        in_group = GROUP * cols
-        first = (pid // in_group) * GROUP
-        size = tl.minimum(rows - first, GROUP)
-        return first + (pid % in_group) % size, (pid % in_group) // size
 
 
 @triton.jit

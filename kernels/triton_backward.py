@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (
-    BlockConfig, cast_out, dot_precision, grouped_ids, local_targets, logits_tile, mma,
-)
+from .tiles import BlockConfig, cast_out, dot_precision, local_targets, logits_tile, mma
 
 
 @triton.jit
@@ -37,9 +35,10 @@ def _dlogits_kernel(
     N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, log_eps, eps,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    FILTER: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    FILTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), chunk_blocks, GROUP)
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
     offs_v = v0 + offs_c  # row of this shard of C
@@ -229,13 +228,12 @@ def backward(
             vc = min(chunk, hi - v0)
             cb = triton.cdiv(vc, bv)
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
-            _dlogits_kernel[(n_blocks * cb,)](
+            _dlogits_kernel[(n_blocks, cb)](
                 e, c, targets, lse, grad_scale, tile_max, dl, flags,
                 n, v, d, vocab_start, v0, vc, v_blocks, cb, log_eps, eps,
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
-                PRECISION=precision, GROUP=cfg.group_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
+                PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if use_filter:
                 by_col, count_col, by_row, count_row = _kept_tile_lists(flags)

@@ -14,18 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import BlockConfig, dot_precision, grouped_ids, local_targets, logits_tile
+from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
 
 
 @triton.jit
 def _forward_kernel(
     e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, tile_max_ptr,
-    N, V, D, vocab_start, blocks_per_split, num_splits, num_v_blocks, num_n_tiles, num_v_tiles,
+    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles,
     stride_en, stride_ed, stride_cv, stride_cd,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n, pid_s = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP)
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
@@ -105,12 +106,12 @@ def forward(
     splits = triton.cdiv(v_blocks, blocks_per_split)
     lse_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
     tgt_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
-    _forward_kernel[(n_blocks * splits,)](
+    _forward_kernel[(n_blocks, splits)](
         e, c, targets, lse_part, tgt_part, tile_max,
-        n, v, d, vocab_start, blocks_per_split, splits, v_blocks, n_tiles, v_tiles,
+        n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
-        BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype), GROUP=cfg.fw_group_n,
+        BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype),
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
     if splits == 1:

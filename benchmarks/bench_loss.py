@@ -21,6 +21,7 @@ import triton.testing
 
 from cce_dist import linear_cross_entropy
 from cce_dist.testing import make_inputs
+from bench_memory import peak_extra_mb  # beside this script
 
 
 def eager(e, c, t):
@@ -80,14 +81,7 @@ def measure(fn, e, c, t, ref) -> dict:
     fw_ms = triton.testing.do_bench(lambda: fn(e, c, t), warmup=100, rep=500,
                                     return_mode="median")
     fwbw_ms = triton.testing.do_bench(fw_bw, warmup=100, rep=500, return_mode="median")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    grads = fw_bw()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del grads
+    peak_mb = peak_extra_mb(fw_bw)
     return {"fw_ms": fw_ms, "fwbw_ms": fwbw_ms, "peak_mb": peak_mb, **errs}
 
 

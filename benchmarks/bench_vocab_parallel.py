@@ -34,6 +34,7 @@ from cce_dist.parallel import function
 from cce_dist.testing import make_inputs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from bench_memory import peak_extra_mb  # noqa: E402  (beside this script)
 from model import CopyToGroup  # noqa: E402  (identity forward, all-reduced gradient)
 
 
@@ -65,13 +66,7 @@ def time_fw_bw(fn, e, c, t, warmup: int, iters: int) -> tuple[float, float]:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    grads = torch.autograd.grad(fn(e, c, t), (e, c))
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    del grads
+    peak = peak_extra_mb(lambda: torch.autograd.grad(fn(e, c, t), (e, c)))
     return statistics.median(times), peak
 
 

@@ -22,6 +22,7 @@ import triton.testing
 from cce_dist import vocab_range
 from cce_dist.kernels import cce_backward, cce_forward, tiles
 from cce_dist.testing import make_inputs
+from bench_memory import peak_extra_mb  # beside this script
 
 VARIANTS = {
     "default": {},
@@ -114,7 +115,7 @@ def main() -> None:
                           flush=True)
                     continue
                 kept = recomputed_share(tile_max, lse, t, lo, hi, cfg)
-                peak = peak_mb(lambda: bw(fw()[2]))
+                peak = peak_extra_mb(lambda: bw(fw()[2]))
                 tf = 2 * n * d * (hi - lo) / fw_ms / 1e9
                 print(f"{name:>18} {rank:>4} {fw_ms:6.2f} {tf:5.0f} {bw_ms:6.2f} {ex_ms:8.2f} "
                       f"{kept:5.2f} {fw_ms + bw_ms:6.2f} {peak:7.0f}", flush=True)
@@ -126,18 +127,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-
-
-def peak_mb(fn) -> float:
-    """Largest extra allocation (MB) while ``fn`` runs, its outputs (dE, dC) included."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def profile(fw, bw, iters: int = 3) -> None:

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from options import HelpFormatter, add_train_options, check_args  # noqa: E402
 
 
 def run_training(loss: str, nproc: int, train_args: list[str], out: Path) -> dict:
@@ -53,11 +56,41 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(the options, the arguments for train.py). Every option is checked here, in this process,
+    before any torchrun starts: a mistyped one ends in argparse's usage and error (exit status
+    2), a bad value in train.py's own message."""
+    p = argparse.ArgumentParser(prog=os.environ.get("CCE_DIST_PROG"), description=__doc__,
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes) per run")
-    p.add_argument("--out", default="out")
-    args, train_args = p.parse_known_args()
+    p.add_argument("--out", default="out", help="metrics, comparison.json and the plot go here")
+    p.add_argument("--check-args", action="store_true",
+                   help="check the options and exit without training")
+    group = p.add_argument_group("training options (launch/train.py's, given to both runs)")
+    add_train_options(group, loss=False, out=False)
+    args = p.parse_args(argv)
+    if args.nproc < 1:
+        p.error("--nproc must be >= 1")
+    check_args(args, args.nproc)
+    train_args: list[str] = []  # the options that differ from train.py's defaults, as given
+    for action in group._group_actions:
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            train_args.append(flag)
+        elif isinstance(value, list):
+            train_args += [flag, *value]
+        else:
+            train_args += [flag, str(value)]
+    return args, train_args
+
+
+def main() -> None:
+    args, train_args = parse_args()
+    if args.check_args:
+        return
     out = Path(args.out)
     runs = {loss: run_training(loss, args.nproc, train_args, out)
             for loss in ("cce", "materialized")}

@@ -28,51 +28,15 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import exit_cleanly, token_windows  # noqa: E402
-from corpus import corpus_files  # noqa: E402
-from model import LOSSES, ShardedHeadGPT  # noqa: E402
+from model import ShardedHeadGPT  # noqa: E402
+from options import HelpFormatter, add_train_options, check_args  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a GPT with a vocabulary-parallel output layer")
-    p.add_argument("--loss", choices=LOSSES, default="cce")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", nargs="*", default=[], help="text files or folders (default: the "
-                   "Python standard library's sources)")
-    p.add_argument("--out", default="out")
-    p.add_argument("--ckpt-every", type=int, default=0, help="0: no checkpoints")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--timeout", type=float, default=120.0,
-                   help="seconds a collective may wait for a lost rank")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_train_options(p)
     return p.parse_args(argv)
-
-
-def check_args(args: argparse.Namespace, world: int) -> None:
-    """Clear errors before any work starts."""
-    if args.vocab_size < world:
-        raise SystemExit(f"--vocab-size ({args.vocab_size}) must be at least the number of "
-                         f"ranks ({world}): every rank owns part of the vocabulary")
-    if args.vocab_size < 300:
-        raise SystemExit(f"--vocab-size must be at least 300 (byte alphabet), got {args.vocab_size}")
-    if args.d_model % args.heads:
-        raise SystemExit(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
-    for name in ("steps", "d_model", "layers", "heads", "batch"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if args.seq_len < 2:
-        raise SystemExit("--seq-len must be >= 2")
-    try:
-        corpus_files(args.data)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(str(err))
 
 
 def log(msg: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 
 import torch
@@ -23,3 +24,13 @@ def exit_cleanly() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def peak_memory_field(cuda: bool) -> str:
+    """A summary line's peak memory: ``peak_mb=`` the GPU allocator's peak on CUDA (since the last
+    ``torch.cuda.reset_peak_memory_stats``); ``peak_rss_mb=`` this process's peak resident set
+    size otherwise (the whole run's, interpreter and libraries included)."""
+    if cuda:
+        return f"peak_mb={torch.cuda.max_memory_allocated() / 2**20:.0f}"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"peak_rss_mb={rss / (2**20 if sys.platform == 'darwin' else 2**10):.0f}"

@@ -10,8 +10,9 @@ of launch/train.py. On a machine without GPUs: ``DS_ACCELERATOR=cpu`` over gloo.
 
 ``--loss native`` trains the unconverted model (its ``lm_head`` and ``F.cross_entropy`` on fp32
 logits, the usual Hugging Face way; the head is then replicated, ``--tp`` must be 1). At the end
-rank 0 prints the median step time after ``--warmup`` steps, the peak GPU memory and tokens/s
-per GPU: the figures of BENCHMARKS.md's DeepSpeed table.
+rank 0 prints the median step time after ``--warmup`` steps, the peak GPU memory (``peak_mb``;
+on the CPU rank 0's peak RSS, ``peak_rss_mb``) and tokens/s per GPU: the figures of
+BENCHMARKS.md's DeepSpeed table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import exit_cleanly, token_windows  # noqa: E402
+from common import exit_cleanly, peak_memory_field, token_windows  # noqa: E402
 from model import GPTBody  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
 
@@ -130,11 +131,11 @@ def main() -> None:
                   f"loss {shown:.4f}", flush=True)
     timed = times[args.warmup:] or times
     step_ms = 1e3 * statistics.median(timed)
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    peak = peak_memory_field(cuda)
     tokens_per_gpu = args.batch * args.seq_len * dp / dist.get_world_size()
     if dist.get_rank() == 0:
         print(f"summary loss={args.loss} zero={args.zero} tp={args.tp} dp={dp} "
-              f"step_ms={step_ms:.1f} peak_mb={peak_mb:.0f} "
+              f"step_ms={step_ms:.1f} {peak} "
               f"tokens_per_s_per_gpu={tokens_per_gpu / step_ms * 1e3:.0f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -225,4 +225,10 @@ def test_deepspeed_example_runs(launcher, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses), run.stdout[-2000:]
-    assert re.search(r"summary loss=cce zero=2 tp=2 dp=1 step_ms=[\d.]+", run.stdout)
+    summary = re.search(r"summary loss=cce zero=2 tp=2 dp=1 step_ms=[\d.]+ "
+                        r"peak_(rss_)?mb=(\d+) tokens_per_s_per_gpu=\d+", run.stdout)
+    assert summary, run.stdout[-2000:]
+    # GPU: the allocator's peak (peak_mb); CPU: rank 0's peak RSS (peak_rss_mb; it was nan).
+    on_gpu = torch.cuda.is_available() and env.get("DS_ACCELERATOR") != "cpu"
+    assert (summary[1] is None) == on_gpu, summary[0]
+    assert on_gpu or int(summary[2]) > 50, summary[0]  # Python and torch alone hold more

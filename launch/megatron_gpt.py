@@ -5,14 +5,18 @@
 Tensor parallelism over all ranks. The one-line switch is the model class: ``CCEGPTModel``
 instead of ``GPTModel``, same arguments. Data: the embedded corpus of launch/train.py (the
 Python standard library's sources and a cached BPE tokenizer). On a machine without GPUs it runs
-over gloo on the CPU with two small shims (Megatron-Core assumes a CUDA device).
+over gloo on the CPU with two small shims (Megatron-Core assumes a CUDA device). At the end rank 0
+prints a summary line: the median step time after ``--warmup`` steps, the peak GPU memory
+(``peak_mb``; on the CPU rank 0's peak RSS, ``peak_rss_mb``) and tokens/s (the job's and per GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import exit_cleanly, token_windows  # noqa: E402
+from common import exit_cleanly, peak_memory_field, token_windows  # noqa: E402
 from tokenizer import corpus_token_ids  # noqa: E402
 
 
@@ -36,6 +40,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tied", action="store_true", help="share embedding and output weights")
     p.add_argument("--data", nargs="*", default=[])
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the timing")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -77,15 +82,28 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     position = torch.arange(args.seq_len, device=device)[None].expand(args.batch, -1)
     mask = torch.triu(torch.ones(args.seq_len, args.seq_len, device=device), 1).bool()[None, None]
+    times = []
     for step in range(args.steps):
         chunk = token_windows(ids, args.batch, args.seq_len + 1, seed=step).to(device)
+        if step == args.warmup and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
         per_token = model(chunk[:, :-1], position, mask, labels=chunk[:, 1:])  # [b, s]
         loss = per_token.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        shown = loss.item()  # also waits for the step: the timing below is the step's
+        times.append(time.perf_counter() - start)
         if dist.get_rank() == 0:
-            print(f"step {step + 1}/{args.steps} {args.loss} loss {loss.item():.4f}", flush=True)
+            print(f"step {step + 1}/{args.steps} {args.loss} loss {shown:.4f}", flush=True)
+    step_ms = 1e3 * statistics.median(times[args.warmup:] or times)
+    peak = peak_memory_field(cuda)
+    tokens_per_s = args.batch * args.seq_len / step_ms * 1e3  # every TP rank sees the batch
+    if dist.get_rank() == 0:
+        print(f"summary loss={args.loss} tp={tp} tied={int(args.tied)} step_ms={step_ms:.1f} "
+              f"{peak} tokens_per_s={tokens_per_s:.0f} "
+              f"tokens_per_s_per_gpu={tokens_per_s / tp:.0f}", flush=True)
     parallel_state.destroy_model_parallel()
     dist.barrier()
     dist.destroy_process_group()

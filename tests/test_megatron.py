@@ -194,6 +194,11 @@ def test_megatron_example_trains_the_same_curve(tmp_path):
             env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         curves[loss] = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+        summary = re.search(rf"summary loss={loss} tp=2 tied=0 step_ms=[\d.]+ "
+                            r"peak_(rss_)?mb=(\d+) tokens_per_s=\d+ tokens_per_s_per_gpu=\d+",
+                            run.stdout)
+        assert summary, run.stdout[-2000:]  # rank 0's summary line, once
+        assert run.stdout.count("summary ") == 1
     assert len(curves["cce"]) == 4
     assert all(abs(a - b) < 1e-3 for a, b in zip(curves["cce"], curves["native"])), curves
 

@@ -72,6 +72,12 @@ def linear_cross_entropy(
     per shape (every call with ``CCE_DIST_DEBUG=1``; see ``cce_dist.parallel.consistency``), and
     a mismatch raises ``ValueError`` on every rank.
     """
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "linear_cross_entropy does not support torch.func transforms (vmap, grad, jacrev, "
+            "...): call it on whole batches and differentiate it with torch.autograd "
+            "(loss.backward() / torch.autograd.grad)"
+        )
     world = _world_size(group, sequence_parallel)
     try:
         eps = check_inputs(
@@ -88,7 +94,9 @@ def linear_cross_entropy(
         raise
     d = e.shape[-1]
     e2 = e.reshape(-1, d)
-    t1 = targets.reshape(-1)
+    # The kernels read targets with unit stride; a strided view (t[::2], expand, labels[:, -1:])
+    # becomes a copy of N integers here.
+    t1 = targets.reshape(-1).contiguous()
     if group is None:
         if vocab_start not in (None, 0):
             raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")

@@ -208,12 +208,17 @@ def backward(
     """
     n, d = e.shape
     v = c.shape[0]
-    dc = torch.empty_like(c)
+    # The kernels read these (N,) vectors with unit stride.
+    targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
     if n == 0 or v == 0:
-        de = torch.zeros_like(e, dtype=torch.float32 if de_fp32 else e.dtype)
+        # No token: dC is exactly zero (not uninitialized memory), and so is dE.
+        dc = torch.zeros(c.shape, dtype=c.dtype, device=c.device)
+        de = torch.zeros(e.shape, dtype=torch.float32 if de_fp32 else e.dtype, device=e.device)
         if on_de_ready is not None:
             on_de_ready(de)
         return de, dc
+    # Row-major whatever c's strides: the workspace views dC's tail rows as flat bytes.
+    dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)

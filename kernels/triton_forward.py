@@ -93,6 +93,7 @@ def forward(
     """
     n, d = e.shape
     v = c.shape[0]
+    targets = targets.contiguous()  # read with unit stride
     n_tiles = triton.cdiv(n, cfg.block_n)
     v_tiles = triton.cdiv(v, cfg.block_v)
     n_blocks = triton.cdiv(n, cfg.fw_block_n)

@@ -16,9 +16,11 @@ With a group, ``c`` is this rank's contiguous vocabulary shard starting at globa
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+from torch._C import _functions
 
 from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
 
@@ -38,6 +40,37 @@ def _reduce(per_token: torch.Tensor, valid: torch.Tensor, reduction: str) -> tor
     # Mean over non-ignored tokens; all ignored gives 0 (and zero gradients), not NaN. Every
     # rank holds all targets, so the count needs no collective.
     return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+SECOND_DERIVATIVE_ERROR = (
+    "linear_cross_entropy does not support second derivatives (double backward): its backward "
+    "is computed by kernels that are not themselves differentiable. create_graph=True is fine "
+    "as long as nothing differentiates the gradients of this loss again."
+)
+
+
+def _first_order_only(backward):
+    """Run ``backward`` without recording a graph; if the caller asked for one
+    (``create_graph=True``), the gradients get a node that raises
+    :data:`SECOND_DERIVATIVE_ERROR` when differentiated, instead of torch's generic "no
+    autograd formula" deep in the custom op."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        tensors = [i for i, g in enumerate(outputs) if g is not None]
+        err = _functions.DelayedError(SECOND_DERIVATIVE_ERROR.encode(), len(tensors))
+        flagged = err(*[outputs[i].detach().requires_grad_() for i in tensors])
+        flagged = flagged if isinstance(flagged, tuple) else (flagged,)
+        outputs = list(outputs)
+        for i, g in zip(tensors, flagged):
+            outputs[i] = g
+        return tuple(outputs)
+
+    return wrapper
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -81,6 +114,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return _reduce(per_token, valid, reduction)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out: torch.Tensor):
         e, c, targets, lse, tile_max, valid = ctx.saved_tensors
         reduction, filter_eps, vocab_start, backend, group, sequence_parallel = ctx.config

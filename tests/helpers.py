@@ -27,3 +27,27 @@ def float64_reference(e, c, targets, ignore_index=-100, reduction="mean"):
     else:
         loss.backward()
     return loss.detach(), e64.grad, c64.grad
+
+
+def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
+    """Loss, gradients of the views and gradients of the *leaves* of ``e_in`` / ``c_in``
+    (objects with ``leaf`` and ``view``: the loss sees ``view(leaf)``), on materialized float64
+    logits, with the library's conventions: the mean is over non-ignored tokens and is 0 when
+    there are none. Returns ``(loss, (de_view, dc_view), (de_leaf, dc_leaf))``."""
+    e64 = e_in.leaf.detach().double().requires_grad_()
+    c64 = c_in.leaf.detach().double().requires_grad_()
+    e, c = e_in.view(e64), c_in.view(c64)
+    e.retain_grad(), c.retain_grad()
+    t = targets.reshape(-1)
+    logits = e.reshape(-1, c.shape[1]) @ c.T
+    valid = t != ignore_index
+    picked = logits.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    per_token = torch.where(valid, torch.logsumexp(logits, dim=1) - picked, 0.0)
+    if reduction == "none":
+        loss = per_token.reshape(targets.shape)
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / valid.sum().clamp(min=1)
+    loss.sum().backward()
+    return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad)

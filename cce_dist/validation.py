@@ -7,13 +7,16 @@ from typing import Optional, Union
 
 import torch
 
+from cce_dist.kernels.filtering import GradFilter, default_budget
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 CHECK_TARGETS_ENV = "CCE_DIST_CHECK_TARGETS"
 
 
 def default_filter_eps(dtype: torch.dtype) -> float:
-    """The 'auto' threshold: 2^-12 for bf16, i.e. the dtype's machine epsilon / 32."""
+    """A per-entry threshold of the CCE paper's filter: 2^-12 for bf16, i.e. the dtype's machine
+    epsilon / 32 (the default before the budget filter; pass it as ``filter_eps`` to get it)."""
     return torch.finfo(dtype).eps / 32
 
 
@@ -27,7 +30,9 @@ def check_inputs(
     backends: tuple[str, ...],
     gathered_rows: int = 1,
 ) -> Optional[float]:
-    """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved eps.
+    """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved filter
+    as one float (``GradFilter.encode``: minus the budget for 'auto', the per-entry threshold for
+    a float) or None for exact.
 
     ``gathered_rows``: with sequence parallelism over w ranks, targets cover w times e's rows.
     """
@@ -67,8 +72,8 @@ def check_inputs(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}, got {backend!r}")
-    if filter_eps == "auto":
-        return default_filter_eps(e.dtype)
+    if isinstance(filter_eps, str) and filter_eps == "auto":
+        return GradFilter("budget", default_budget(e.dtype)).encode()
     if filter_eps is None:
         return None
     if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not (

@@ -15,6 +15,7 @@ import torch
 import triton
 
 from . import reference
+from .filtering import decode_filter
 from .tiles import BlockConfig, backward_config, default_config, interpreting
 
 BACKENDS = ("auto", "triton", "reference")
@@ -86,16 +87,21 @@ def cce_backward(
     filter_eps: Optional[float],
     backend: str,
     de_fp32: bool = False,
+    vocab_size: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial dE (N, D) and dC (V, D) from the global LSE, in the input dtype (dE in fp32, or
-    fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding)."""
+    fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding).
+
+    ``filter_eps``: the gradient filter as one float (``GradFilter.encode``: the per-entry
+    threshold, or minus the budget), None for exact; ``vocab_size``: rows of all shards (-1:
+    this shard's)."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     de_fp32, None)
+                     de_fp32, None, vocab_size)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-      de_fp32=False):
+      de_fp32=False, vocab_size=-1):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c)
 
@@ -111,6 +117,7 @@ def cce_backward_notify(
     filter_eps: Optional[float],
     backend: str,
     on_de_ready: Callable[[torch.Tensor], None],
+    vocab_size: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
@@ -119,21 +126,24 @@ def cce_backward_notify(
     the cross-rank dE reduction while dC is still being computed.
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     True, on_de_ready)
+                     True, on_de_ready, vocab_size)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-              de_fp32, on_de_ready):
+              de_fp32, on_de_ready, vocab_size):
+    grad_filter = decode_filter(filter_eps)
+    vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     if backend == "triton":
         from . import triton_backward
 
         return triton_backward.backward(
-            e, c, targets, lse, grad_scale, vocab_start, filter_eps, tile_max,
-            backward_config(default_config(e.device, e.dtype), filter_eps is not None),
-            de_fp32=de_fp32, on_de_ready=on_de_ready,
+            e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max,
+            backward_config(default_config(e.device, e.dtype), grad_filter is not None),
+            de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
         )
     de, dc = reference.backward(
-        e, c, targets, lse, grad_scale, vocab_start, filter_eps, de_fp32=de_fp32
+        e, c, targets, lse, grad_scale, vocab_start, grad_filter, de_fp32=de_fp32,
+        vocab_size=vocab_size,
     )
     if on_de_ready is not None:
         on_de_ready(de)

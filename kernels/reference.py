@@ -1,6 +1,6 @@
 """Pure-PyTorch chunked reference for the CCE forward and backward.
 
-Same interface as the Triton kernels (``cce_dist.kernels.triton_cce``) and, like them, it never
+Same interface as the Triton kernels (``triton_forward`` / ``triton_backward``) and, like them, it never
 holds the N x V logits: it walks the vocabulary in chunks of ``chunk_size`` rows. It runs on any
 device and is the oracle of the tests. Math is done in float32, or float64 for float64 inputs.
 """
@@ -12,7 +12,11 @@ from typing import Optional
 
 import torch
 
+from .filtering import GradFilter, keep_tiles
+
 DEFAULT_CHUNK = 4096
+# The budget filter's tiles here (tokens x vocabulary rows); the chunk is a multiple of TILE_V.
+TILE_N, TILE_V = 32, 64
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,15 +59,18 @@ def backward(
     lse: torch.Tensor,
     grad_scale: torch.Tensor,
     vocab_start: int = 0,
-    filter_eps: Optional[float] = None,
+    grad_filter: Optional[GradFilter] = None,
     chunk_size: int = DEFAULT_CHUNK,
     de_fp32: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * (lse[n] - logit[n, t_n])`` in ``e`` and ``c``.
 
     ``lse`` is the LSE over the *whole* vocabulary (all shards); the softmax of this shard is
-    ``exp(logits - lse)``. With ``filter_eps``, entries with ``|softmax - onehot| < filter_eps``
-    are dropped (element-wise; the Triton kernels drop whole tiles). Returns ``(de, dc)`` in the
+    ``exp(logits - lse)``. With the per-entry filter, entries with ``|softmax - onehot| < eps``
+    are dropped (element-wise; the Triton kernels drop whole tiles); with the budget filter,
+    the (TILE_N x TILE_V) tiles that ``filtering.budget_skips`` picks from this function's own
+    tile maxima, except those holding a target. ``vocab_size``: rows of all shards. Returns ``(de, dc)`` in the
     dtypes of ``e`` and ``c`` (``de`` in the compute dtype with ``de_fp32``); ``de`` is this
     shard's partial contribution.
     """
@@ -75,6 +82,10 @@ def backward(
     scale = grad_scale.to(cdt)
     de = torch.zeros(e.shape, dtype=cdt, device=e.device)
     dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
+    chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
+    keep = None
+    if grad_filter is not None and grad_filter.kind == "budget" and e.shape[0] > 0:
+        keep = _budget_keep(ef, c, lse, cdt, chunk_size, vocab_size or v, grad_filter)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
         cc = c[v0:v1].to(cdt)
@@ -82,9 +93,33 @@ def backward(
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
         g.scatter_add_(1, col[:, None], -inside.to(cdt)[:, None])
-        if filter_eps is not None:
-            g = torch.where(g.abs() < filter_eps, 0.0, g)
+        if keep is not None:
+            tiles = keep[:, v0 // TILE_V: (v1 + TILE_V - 1) // TILE_V].bool()
+            # A tile holding a target is always kept.
+            hit = torch.zeros_like(tiles)
+            rows = torch.arange(e.shape[0], device=e.device) // TILE_N
+            hit[rows[inside], col[inside] // TILE_V] = True
+            mask = (tiles | hit).repeat_interleave(TILE_N, 0).repeat_interleave(TILE_V, 1)
+            g = torch.where(mask[: g.shape[0], : g.shape[1]], g, 0.0)
+        elif grad_filter is not None:
+            g = torch.where(g.abs() < grad_filter.value, 0.0, g)
         g = g * scale[:, None]
         de += g @ cc
         dc[v0:v1] = (g.T @ ef).to(c.dtype)
     return (de if de_fp32 else de.to(e.dtype)), dc
+
+
+def _budget_keep(ef, c, lse, cdt, chunk_size, vocab_size, grad_filter):
+    """The budget filter's keep mask on this function's (TILE_N x TILE_V) tiles, from their
+    maxima (one extra pass over the vocabulary, as the reference's forward records none)."""
+    n, v = ef.shape[0], c.shape[0]
+    n_tiles = -(-n // TILE_N)
+    maxima = []
+    for v0 in range(0, v, chunk_size):
+        logits = ef @ c[v0:v0 + chunk_size].to(cdt).T
+        w = logits.shape[1]
+        padded = torch.nn.functional.pad(
+            logits, (0, -w % TILE_V, 0, n_tiles * TILE_N - n), value=-math.inf)
+        maxima.append(padded.view(n_tiles, TILE_N, -1, TILE_V).amax(dim=(1, 3)))
+    tile_max = torch.cat(maxima, dim=1).float()
+    return keep_tiles(tile_max, lse, TILE_N, TILE_V, v, vocab_size, grad_filter)

@@ -5,9 +5,10 @@ workspace is lent by dC, see :func:`workspace_split`). For each chunk:
 
 1. ``_dlogits_kernel`` writes ``dl = (softmax - onehot) * grad_scale`` for the chunk (N x chunk,
    input dtype) and one keep-flag per (token block, vocabulary block) tile. With filtering, a tile
-   whose largest logit (recorded by the forward) proves every softmax entry is under ``filter_eps``
-   is skipped without being recomputed; a recomputed tile whose every |softmax - onehot| is under
-   ``filter_eps`` is dropped too. A tile holding a target is never skipped by the first test.
+   that the filter proves negligible from the bound its largest logit (recorded by the forward)
+   gives is skipped without being recomputed (``filtering.keep_tiles``, computed once before the
+   chunks); with the per-entry filter, a recomputed tile whose every |softmax - onehot| is under
+   ``eps`` is dropped too. A tile holding a target is never skipped.
 2. ``_dc_kernel`` computes ``dC[chunk] = dl.T @ E`` in one pass over the kept tiles of each
    column of tiles: fp32 accumulation, a single rounding, no atomics.
 3. ``_de_kernel`` adds ``dl @ C[chunk]`` into an fp32 dE accumulator (each output tile owned by
@@ -19,24 +20,26 @@ over tiles have no data-dependent branches and no host synchronization.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .filtering import GradFilter, keep_tiles
 from .tiles import BlockConfig, cast_out, dot_precision, local_targets, logits_tile, mma
 
 
 @triton.jit
 def _dlogits_kernel(
-    e_ptr, c_ptr, t_ptr, lse_ptr, scale_ptr, tile_max_ptr, dl_ptr, flag_ptr,
-    N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, log_eps, eps,
+    e_ptr, c_ptr, t_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
+    N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    FILTER: tl.constexpr, PRECISION: tl.constexpr,
+    FILTER: tl.constexpr, ENTRY_TEST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Grid: (token blocks, vocabulary blocks of the chunk). One program owns one tile of dl
+    and its keep-flag."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,10 +54,10 @@ def _dlogits_kernel(
     hit = (offs_v[None, :] == local_t[:, None]) & mask
     dl_ptrs = dl_ptr + offs_n.to(tl.int64)[:, None] * stride_dln + offs_c[None, :]
     if FILTER:
-        tile_max = tl.load(tile_max_ptr + pid_n * num_v_blocks + v0 // BLOCK_V + pid_v)
-        lse_min = tl.min(tl.where(mask_n, lse, float("inf")), axis=0)
+        # keep_ptr: the filter's verdict from the tile bounds (kernels/filtering.py).
+        bound_keep = tl.load(keep_ptr + pid_n * num_v_blocks + v0 // BLOCK_V + pid_v)
         has_target = tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0)
-        keep = ((tile_max - lse_min) >= log_eps) | (has_target > 0)
+        keep = (bound_keep != 0) | (has_target > 0)
         flag = keep.to(tl.int32)
         if keep:
             logits = logits_tile(
@@ -63,7 +66,8 @@ def _dlogits_kernel(
             )
             g = tl.exp(logits - lse[:, None]) - hit.to(tl.float32)
             g = tl.where(mask, g, 0.0)
-            flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
+            if ENTRY_TEST:  # the per-entry filter also drops recomputed tiles under eps
+                flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
             tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
         tl.store(flag_ptr + pid_n * chunk_blocks + pid_v, flag)
     else:
@@ -185,16 +189,19 @@ def backward(
     lse: torch.Tensor,
     grad_scale: torch.Tensor,
     vocab_start: int,
-    filter_eps: Optional[float],
+    grad_filter: Optional[GradFilter],
     tile_max: torch.Tensor,
     cfg: BlockConfig,
+    vocab_size: Optional[int] = None,
     de_fp32: bool = False,
     on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
-    fp32; tile_max: the forward's per-tile maxima (same ``cfg``). Returns ``(de, dc)`` in the
+    fp32; tile_max: the forward's per-tile maxima (same ``cfg``); grad_filter: None (exact) or
+    the filter (``kernels/filtering.py``); vocab_size: rows of all shards (default: this one's).
+    Returns ``(de, dc)`` in the
     input dtype (``de`` in fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
     When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
@@ -223,9 +230,11 @@ def backward(
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
     precision = dot_precision(e.dtype)
-    use_filter = filter_eps is not None
-    eps = float(filter_eps) if use_filter else 0.0
-    log_eps = math.log(eps) if eps > 0 else -math.inf
+    use_filter = grad_filter is not None
+    entry_test = use_filter and grad_filter.kind == "entry"
+    eps = grad_filter.value if entry_test else 0.0
+    keep = (keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v, grad_filter) if use_filter
+            else tile_max)  # unused by the kernels without filtering
     state = {"de_started": False}
 
     def run_chunks(lo, hi, chunk, dl, de_acc, want_dc, want_de, de_done=None):
@@ -234,11 +243,11 @@ def backward(
             cb = triton.cdiv(vc, bv)
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
             _dlogits_kernel[(n_blocks, cb)](
-                e, c, targets, lse, grad_scale, tile_max, dl, flags,
-                n, v, d, vocab_start, v0, vc, v_blocks, cb, log_eps, eps,
+                e, c, targets, lse, grad_scale, keep, dl, flags,
+                n, v, d, vocab_start, v0, vc, v_blocks, cb, eps,
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
-                PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ENTRY_TEST=entry_test, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if use_filter:
                 by_col, count_col, by_row, count_row = _kept_tile_lists(flags)

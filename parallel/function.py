@@ -110,14 +110,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         per_token = torch.where(valid, lse - target_logit, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid)
-        ctx.config = (reduction, filter_eps, vocab_start, backend, group, sequence_parallel)
+        ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
+                      sequence_parallel)
         return _reduce(per_token, valid, reduction)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor):
         e, c, targets, lse, tile_max, valid = ctx.saved_tensors
-        reduction, filter_eps, vocab_start, backend, group, sequence_parallel = ctx.config
+        reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel = \
+            ctx.config
         grad_out = grad_out.to(lse.dtype)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
@@ -125,7 +127,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         rest = (None,) * 9
         if group is None:
             de, dc = cce_backward(
-                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend)
+                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+                vocab_size=vocab_size)
             return (de, dc) + rest
         if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
             pending = []
@@ -133,13 +136,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                 on_de_ready=lambda de: pending.append(
                     start_reduction(de, group, scatter=sequence_parallel)),
+                vocab_size=vocab_size,
             )
             de, work = pending[0]
             work.wait()
         else:
             de, dc = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                de_fp32=True,
+                de_fp32=True, vocab_size=vocab_size,
             )
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
         return (de.to(e.dtype), dc) + rest

@@ -33,7 +33,9 @@ def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
     """Loss, gradients of the views and gradients of the *leaves* of ``e_in`` / ``c_in``
     (objects with ``leaf`` and ``view``: the loss sees ``view(leaf)``), on materialized float64
     logits, with the library's conventions: the mean is over non-ignored tokens and is 0 when
-    there are none. Returns ``(loss, (de_view, dc_view), (de_leaf, dc_leaf))``."""
+    there are none. Returns ``(loss, (de_view, dc_view), (de_leaf, dc_leaf), (de_mag, dc_mag))``
+    where the magnitudes are the norms of the gradients' products taken in absolute values: the
+    scale of their rounding error when their terms cancel (all rows of c equal, say)."""
     e64 = e_in.leaf.detach().double().requires_grad_()
     c64 = c_in.leaf.detach().double().requires_grad_()
     e, c = e_in.view(e64), c_in.view(c64)
@@ -50,4 +52,9 @@ def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
     else:
         loss = per_token.sum() / valid.sum().clamp(min=1)
     loss.sum().backward()
-    return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad)
+    with torch.no_grad():
+        dl = torch.softmax(logits, dim=1)
+        dl[valid, t[valid]] += 1.0  # |softmax - onehot| <= softmax + onehot
+        dl = dl * valid[:, None] / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
+        mags = (float((dl @ c.abs()).norm()), float((dl.T @ e.reshape(-1, c.shape[1]).abs()).norm()))
+    return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad), mags

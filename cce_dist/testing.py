@@ -7,6 +7,11 @@
   or 4096, with about 17% of the mass in the long tail of tiny probabilities).
 * ``spread``: like ``lm`` with candidates uniform over the vocabulary, so nearly every tile holds
   a non-negligible probability: the worst case for filtering.
+* ``zipf``: a heavier power-law softmax from another generator: 64 candidates per token drawn
+  from a Zipf(1.2) law over a random permutation of the ids, with logits log(V) - log(rank), so
+  candidate probabilities fall as 1 / rank; the target is drawn from that same 1 / rank law. Rows
+  of C have random norms (0.5-1.5), so the tail's logits vary by row; about a quarter of the mass
+  sits in the tail.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 
 import torch
 
-REGIMES = ("dense", "lm", "spread")
+REGIMES = ("dense", "lm", "spread", "zipf")
 CANDIDATES = 8
 
 
@@ -38,6 +43,8 @@ def make_inputs(
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = {"generator": gen, "device": device}
+    if regime == "zipf":
+        return _zipf_inputs(n, d, v, dtype, kw)
     if regime == "dense":
         scale = d ** -0.25
         e = torch.randn(n, d, **kw) * scale
@@ -65,4 +72,25 @@ def make_inputs(
         other = torch.randint(1, CANDIDATES, (n,), **kw)
         pick = torch.where(torch.rand(n, **kw) < 0.8, 0, other)
         targets = cand.gather(1, pick[:, None])[:, 0]
+    return e.to(dtype), c.to(dtype), targets
+
+
+def _zipf_inputs(n, d, v, dtype, kw):
+    k = max(1, min(32, v // 2))
+    gen, device = kw["generator"], kw["device"]
+    c = torch.randn(v, d, **kw) / math.sqrt(d)
+    c *= 0.5 + torch.rand(v, 1, **kw)  # rows of varied norm: the tail's logits vary by row
+    law = torch.arange(1, v + 1, dtype=torch.float64, device=device) ** -1.2
+    cand = torch.multinomial(law, n * k, replacement=True, generator=gen).view(n, k)
+    # Distinct candidates per token: a repeat moves to the next id after the previous one.
+    cand, _ = cand.sort(dim=1)
+    for j in range(1, k):
+        cand[:, j] = torch.maximum(cand[:, j], cand[:, j - 1] + 1)
+    cand = torch.randperm(v, **kw)[cand % v]  # Zipf over a random order of the ids
+    rank = torch.arange(1, k + 1, dtype=torch.float32, device=device)
+    # Weights falling with log(rank): candidate logits ~ |c|^2 (log V - log rank).
+    weights = (math.log(v) - torch.log(rank)) / (c[cand].norm(dim=2) ** 2 + 1e-6)
+    e = torch.einsum("nk,nkd->nd", weights, c[cand]) + 0.1 * torch.randn(n, d, **kw) / math.sqrt(d)
+    pick = torch.multinomial((1.0 / rank).expand(n, k), 1, generator=gen)[:, 0]
+    targets = cand.gather(1, pick[:, None])[:, 0]
     return e.to(dtype), c.to(dtype), targets

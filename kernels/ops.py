@@ -16,7 +16,7 @@ import triton
 
 from . import reference
 from .filtering import decode_filter
-from .tiles import BlockConfig, backward_config, default_config, interpreting
+from .tiles import BlockConfig, default_config, interpreting
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -138,7 +138,7 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
 
         return triton_backward.backward(
             e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max,
-            backward_config(default_config(e.device, e.dtype), grad_filter is not None),
+            default_config(e.device, e.dtype),
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
         )
     de, dc = reference.backward(

@@ -27,7 +27,8 @@ class BlockConfig:
     beyond the bound the workspace gets buffers of its own. ``out_block_d`` is the D-width of
     one output tile of the dE / dC products; ``mm_*`` their launch settings. Without filtering
     the backward uses ``exact_block_n`` rows per tile: no tile is skipped, so taller tiles only
-    make the products more efficient.
+    make the products more efficient; the budget filter's verdicts (per ``block_n`` x ``block_v``
+    tile) are pooled onto those taller tiles.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -54,6 +55,9 @@ class BlockConfig:
     fw_num_stages: int = 3
 
     def __post_init__(self) -> None:
+        if self.exact_block_n % self.block_n:
+            raise ValueError(f"exact_block_n ({self.exact_block_n}) must be a multiple of "
+                             f"block_n ({self.block_n})")
         for fw, tile in (("fw_block_n", "block_n"), ("fw_block_v", "block_v")):
             big, small = getattr(self, fw), getattr(self, tile)
             ratio = big // small
@@ -86,9 +90,11 @@ def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) ->
     return GPU_FP32_CONFIG if dtype == torch.float32 else GPU_CONFIG
 
 
-def backward_config(cfg: BlockConfig, filtered: bool) -> BlockConfig:
-    """The tiles the backward walks: ``cfg``, or ``exact_block_n``-row tiles without filtering."""
-    return cfg if filtered else replace(cfg, block_n=cfg.exact_block_n)
+def backward_config(cfg: BlockConfig, per_entry_filter: bool) -> BlockConfig:
+    """The tiles the backward walks: ``cfg``'s with the per-entry filter (whose second test
+    gains from small tiles), else ``exact_block_n``-row tiles: exact, or the budget filter,
+    whose verdicts are pooled onto them."""
+    return cfg if per_entry_filter else replace(cfg, block_n=cfg.exact_block_n)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

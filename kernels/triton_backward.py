@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .filtering import GradFilter, keep_tiles
-from .tiles import BlockConfig, cast_out, dot_precision, local_targets, logits_tile, mma
+from .tiles import BlockConfig, backward_config, cast_out, dot_precision, local_targets, logits_tile, mma
 
 
 @triton.jit
@@ -199,7 +199,8 @@ def backward(
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
-    fp32; tile_max: the forward's per-tile maxima (same ``cfg``); grad_filter: None (exact) or
+    fp32; tile_max: the forward's per-tile maxima (on ``cfg``'s tiles, which the backward walks
+    too with the per-entry filter; otherwise ``backward_config``'s taller ones); grad_filter: None (exact) or
     the filter (``kernels/filtering.py``); vocab_size: rows of all shards (default: this one's).
     Returns ``(de, dc)`` in the
     input dtype (``de`` in fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
@@ -226,15 +227,22 @@ def backward(
         return de, dc
     # Row-major whatever c's strides: the workspace views dC's tail rows as flat bytes.
     dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
+    use_filter = grad_filter is not None
+    entry_test = use_filter and grad_filter.kind == "entry"
+    eps = grad_filter.value if entry_test else 0.0
+    keep = tile_max  # unused by the kernels without filtering
+    if use_filter:
+        keep = keep_tiles(tile_max, lse, cfg.block_n, cfg.block_v, v, vocab_size or v,
+                          grad_filter)
+    tile_n, cfg = cfg.block_n, backward_config(cfg, entry_test)
+    if use_filter and cfg.block_n != tile_n:  # a taller tile is kept when any of its parts is
+        ratio = cfg.block_n // tile_n
+        keep = torch.nn.functional.pad(keep, (0, 0, 0, -keep.shape[0] % ratio))
+        keep = keep.view(-1, ratio, keep.shape[1]).amax(dim=1)
     bn, bv, bdo = cfg.block_n, cfg.block_v, cfg.out_block_d
     n_blocks = triton.cdiv(n, bn)
     v_blocks = triton.cdiv(v, bv)
     precision = dot_precision(e.dtype)
-    use_filter = grad_filter is not None
-    entry_test = use_filter and grad_filter.kind == "entry"
-    eps = grad_filter.value if entry_test else 0.0
-    keep = (keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v, grad_filter) if use_filter
-            else tile_max)  # unused by the kernels without filtering
     state = {"de_started": False}
 
     def run_chunks(lo, hi, chunk, dl, de_acc, want_dc, want_de, de_done=None):

@@ -108,16 +108,18 @@ def _targets(kind: str, lead: tuple[int, ...], v: int, ignore: str, g) -> torch.
     return t.reshape(lead)
 
 
-def _check_call(dtype, n, d, v, e_kind, c_kind, t_kind, ignore, reduction, filter_eps, seed):
+def _check_call(dtype, n, d, v, e_kind, c_kind, t_kind, ignore, reduction, filter_eps, seed,
+                device="cpu"):
     g = torch.Generator().manual_seed(seed)
     e_in, lead = _e_layout(e_kind, n, d, dtype, g)
     c_in = _c_layout(c_kind, v, d, dtype, g)
     t = _targets(t_kind, lead, v, ignore, g)
     want_loss, want_views, want_leaves, mags = float64_oracle(e_in, c_in, t, reduction=reduction)
     backends = ("reference",) if dtype == torch.float64 else ("triton", "reference")
+    t = t.to(device)
     for backend in backends:
-        e = e_in.leaf.clone().requires_grad_()
-        c = c_in.leaf.clone().requires_grad_()
+        e = e_in.leaf.to(device).requires_grad_()
+        c = c_in.leaf.to(device).requires_grad_()
         views = e_in.view(e), c_in.view(c)
         for x in views:
             x.retain_grad()
@@ -142,7 +144,7 @@ def _check_call(dtype, n, d, v, e_kind, c_kind, t_kind, ignore, reduction, filte
             # (identical rows of c, an expanded view summing rows, ...).
             for got, want in ((view.grad, want_view), (leaf.grad, want_leaf)):
                 scale = max(float(want.norm()), mag, 1e-30)
-                err = float((got.double() - want).norm()) / scale
+                err = float((got.double().cpu() - want).norm()) / scale
                 assert err <= tol, (what, name, err)
 
 
@@ -202,6 +204,24 @@ def test_fuzz_vocabulary_shards_at_kernel_level(dtype, n, d, cuts, v, filter_eps
         tol = GRAD_TOL[dtype] * (1 if eps is None else 2)
         assert rel_err(sum(gr[0] for gr in grads), dl @ c.double()) <= tol, what
         assert rel_err(torch.cat([gr[1] for gr in grads]), dl.T @ e.double()) <= tol, what
+
+
+@pytest.mark.gpu
+@settings(FUZZ, max_examples=max(EXAMPLES, 60))
+@given(
+    dtype=st.sampled_from(DTYPES[:3]),
+    size=st.tuples(st.integers(0, 300), st.integers(1, 300), st.integers(1, 5000)),
+    e_kind=st.sampled_from(E_LAYOUTS), c_kind=st.sampled_from(C_LAYOUTS),
+    t_kind=st.sampled_from(T_LAYOUTS), ignore=st.sampled_from(("none", "all", "random")),
+    reduction=st.sampled_from(("mean", "sum", "none")), filter_eps=st.sampled_from((None, "auto")),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_loss_and_gradients_gpu(dtype, size, e_kind, c_kind, t_kind, ignore, reduction,
+                                     filter_eps, seed):
+    """The same differential check with the kernels compiled for the GPU, at larger shapes
+    (several of the GPU's 64 x 128 tiles and 4096-row chunks)."""
+    _check_call(dtype, *size, e_kind, c_kind, t_kind, ignore, reduction, filter_eps, seed,
+                device="cuda")
 
 
 def test_reported_strided_targets():

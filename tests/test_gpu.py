@@ -28,7 +28,7 @@ def _fp32_reference(e, c, t):
     return loss.detach(), de, dc
 
 
-@pytest.mark.parametrize("regime", ["dense", "lm", "spread"])
+@pytest.mark.parametrize("regime", ["dense", "lm", "spread", "zipf"])
 @pytest.mark.parametrize("shape", [(2048, 1024, 32000), (1000, 768, 50257)])
 def test_bf16_accuracy_vs_eager(regime, shape):
     n, d, v = shape
@@ -45,7 +45,8 @@ def test_bf16_accuracy_vs_eager(regime, shape):
     ]
     assert ours[0] <= max(eager_err[0], 1e-6)
     assert ours[1] <= 1.05 * eager_err[1] and ours[2] <= 1.05 * eager_err[2], (ours, eager_err)
-    if regime == "lm":
+    # The default (budget) filter: at most twice eager's error on every regime.
+    if True:
         auto = linear_cross_entropy(e, c, t)
         errs = [rel_err(g, r) for g, r in zip(torch.autograd.grad(auto, (e, c)), ref[1:])]
         assert errs[0] <= 2 * eager_err[1] and errs[1] <= 2 * eager_err[2], (errs, eager_err)

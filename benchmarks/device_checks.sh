@@ -10,7 +10,7 @@ if [ "$stage" = all ] || [ "$stage" = tests ]; then
     -p no:cacheprovider --timeout 300 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -i warn | tail -25
 fi
 if [ "$stage" = all ] || [ "$stage" = sanitize ]; then
-  run timeout 400 compute-sanitizer --tool memcheck --print-limit 20 \
+  run timeout ${SAN_TIMEOUT:-400} compute-sanitizer --tool memcheck --print-limit 20 \
     python3 benchmarks/sanitize_kernels.py 2>&1 | tee "$OUT/sanitizer.log" | grep -v -i warn | tail -15
   run timeout 120 python3 -c "
 import cut_cross_entropy, torch
@@ -23,7 +23,7 @@ for i in range(20):
 torch.cuda.synchronize(); print('after importing apple CCE: 20 fw+bw ok')" 2>&1 | tail -5
 fi
 if [ "$stage" = all ] || [ "$stage" = bench ]; then
-  run timeout 500 python3 benchmarks/bench_loss.py \
+  run timeout ${BENCH_TIMEOUT:-500} python3 benchmarks/bench_loss.py \
     --methods "cce-dist,cce-dist entry,cce-dist exact,torch eager,torch.compile" \
     --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
 fi

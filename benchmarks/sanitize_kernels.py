@@ -11,11 +11,11 @@ import torch
 from cce_dist import linear_cross_entropy
 from cce_dist.testing import make_inputs
 
-CASES = [(1, 1, 1), (37, 24, 97), (300, 200, 5000), (513, 130, 40001), (0, 64, 3000),
-         (4096, 256, 70000)]
+# (64, 128, 12000): large enough that the backward's workspace lives in dC's tail rows.
+CASES = [(0, 64, 3000), (64, 128, 12000), (1, 1, 1), (37, 24, 97), (300, 200, 5000)]
 
 for n, d, v in CASES:
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in (torch.bfloat16, torch.float32):
         for filter_eps in (None, "auto", 2.0**-12):
             e, c, t = make_inputs("lm", n, d, v, dtype=dtype, device="cuda", seed=n)
             e.requires_grad_(), c.requires_grad_()

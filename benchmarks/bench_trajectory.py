@@ -13,10 +13,11 @@ output layer differs:
 The training set-up is Megatron's own (as ``pretrain_gpt`` builds it): the model in bf16 under
 ``Float16Module``, tensor parallelism over ``--tp`` ranks (default: all of them), Megatron's
 ``DistributedDataParallel`` (fp32 gradient reduction, overlapped, distributed-optimizer layout),
-``get_megatron_optimizer`` (distributed Adam, fp32 main parameters, gradient clipping) and
+``get_megatron_optimizer`` (distributed Adam, fp32 main parameters, gradient clipping at
+``--clip-grad``; weight decay, betas and eps at ``OptimizerConfig``'s defaults) and
 ``get_forward_backward_func`` accumulating ``--micro-batches`` micro-batches per step.
 
-Launch, one process per GPU (megatron-core 0.16 and 0.19 both work)::
+Launch, one process per GPU (written against megatron-core 0.16.1 and 0.19.2)::
 
     torchrun --nproc_per_node=2 benchmarks/bench_trajectory.py --data zipf \\
         --json out/trajectory.json --plot out/trajectory.png

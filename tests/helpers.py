@@ -33,9 +33,10 @@ def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
     """Loss, gradients of the views and gradients of the *leaves* of ``e_in`` / ``c_in``
     (objects with ``leaf`` and ``view``: the loss sees ``view(leaf)``), on materialized float64
     logits, with the library's conventions: the mean is over non-ignored tokens and is 0 when
-    there are none. Returns ``(loss, (de_view, dc_view), (de_leaf, dc_leaf), (de_mag, dc_mag))``
-    where the magnitudes are the norms of the gradients' products taken in absolute values: the
-    scale of their rounding error when their terms cancel (all rows of c equal, say)."""
+    there are none. Returns ``(loss, (de_view, dc_view), (de_leaf, dc_leaf), (loss_mag, de_mag,
+    dc_mag))`` where the magnitudes are the norms of the same sums taken in absolute values (for
+    the loss, of |LSE| + |target logit|): the scale of their rounding error when their terms
+    cancel (a target of probability ~1, all rows of c equal, ...)."""
     e64 = e_in.leaf.detach().double().requires_grad_()
     c64 = c_in.leaf.detach().double().requires_grad_()
     e, c = e_in.view(e64), c_in.view(c64)
@@ -45,16 +46,18 @@ def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
     valid = t != ignore_index
     picked = logits.gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
     per_token = torch.where(valid, torch.logsumexp(logits, dim=1) - picked, 0.0)
-    if reduction == "none":
-        loss = per_token.reshape(targets.shape)
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / valid.sum().clamp(min=1)
+    def reduce(x):
+        if reduction == "none":
+            return x.reshape(targets.shape)
+        return x.sum() if reduction == "sum" else x.sum() / valid.sum().clamp(min=1)
+
+    loss = reduce(per_token)
+    loss_mag = float(reduce(torch.where(
+        valid, torch.logsumexp(logits, dim=1).abs() + picked.abs(), 0.0)).detach().norm())
     loss.sum().backward()
     with torch.no_grad():
         dl = torch.softmax(logits, dim=1)
         dl[valid, t[valid]] += 1.0  # |softmax - onehot| <= softmax + onehot
         dl = dl * valid[:, None] / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
         mags = (float((dl @ c.abs()).norm()), float((dl.T @ e.reshape(-1, c.shape[1]).abs()).norm()))
-    return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad), mags
+    return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad), (loss_mag, *mags)

@@ -27,3 +27,11 @@ if [ "$stage" = all ] || [ "$stage" = bench ]; then
     --methods "cce-dist,cce-dist entry,cce-dist exact,torch eager,torch.compile" \
     --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
 fi
+if [ "$stage" = trajectory ]; then
+  # Megatron DDP + distributed optimizer from one init: native, exact, default, per-entry.
+  for data in ${TRAJ_DATA:-random}; do
+    run timeout ${TRAJ_TIMEOUT:-300} torchrun --nproc_per_node=${NGPU:-1} benchmarks/bench_trajectory.py \
+      --data $data --steps ${TRAJ_STEPS:-100} --json "$OUT/trajectory_$data.json" \
+      --plot "$OUT/trajectory_$data.png" ${TRAJ_ARGS:-} 2>&1 | grep -v -i "warn\|deprecat" | tail -30
+  done
+fi

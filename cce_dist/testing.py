@@ -41,6 +41,10 @@ def make_inputs(
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     device = torch.device(device)
+    if n == 0:  # an empty batch: nothing to draw for the tokens
+        c = make_inputs(regime, 1, d, v, dtype=dtype, device=device, seed=seed)[1]
+        return (torch.empty((0, d), dtype=dtype, device=device), c,
+                torch.empty((0,), dtype=torch.long, device=device))
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = {"generator": gen, "device": device}
     if regime == "zipf":

@@ -81,20 +81,6 @@ def _dlogits_kernel(
 
 
 @triton.jit
-def _dc_tile(acc, nb, dl_ptr, e_ptr, offs_c, offs_d, mask_v, mask_d, N, stride_dln, stride_en,
-             stride_ed, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + dl[block nb, chunk cols].T @ e[block nb, offs_d]``."""
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)[:, None]
-    dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
-                 mask=mask_n[:, None] & mask_v[None, :], other=0.0)
-    e = tl.load(e_ptr + rows * stride_en + offs_d[None, :] * stride_ed,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    return mma(tl.trans(dl), e, acc, PRECISION)
-
-
-@triton.jit
 def _dc_kernel(
     dl_ptr, e_ptr, dc_ptr, order_ptr, count_ptr,
     N, D, v0, vc, n_blocks, chunk_blocks,
@@ -102,8 +88,6 @@ def _dc_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr,
     FILTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid: (vocabulary blocks of the chunk, D blocks). One program owns one (BLOCK_V x
-    BLOCK_DO) tile of dC and sums over the token blocks kept in its column."""
     pid_v = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -111,37 +95,26 @@ def _dc_kernel(
     mask_v = offs_c < vc
     mask_d = offs_d < D
     acc = tl.zeros((BLOCK_V, BLOCK_DO), dtype=tl.float32)
-    count = n_blocks
     if FILTER:
         count = tl.load(count_ptr + pid_v)
-    # A column with dropped tiles walks its list of kept ones; a full column (every column of
-    # an unfiltered or near-uniform chunk) walks the blocks in order, without the indirection.
-    if count < n_blocks:
-        for i in range(0, count):
-            nb = tl.load(order_ptr + i * chunk_blocks + pid_v)
-            acc = _dc_tile(acc, nb, dl_ptr, e_ptr, offs_c, offs_d, mask_v, mask_d, N,
-                           stride_dln, stride_en, stride_ed, BLOCK_N, PRECISION)
     else:
-        for nb in range(0, n_blocks):
-            acc = _dc_tile(acc, nb, dl_ptr, e_ptr, offs_c, offs_d, mask_v, mask_d, N,
-                           stride_dln, stride_en, stride_ed, BLOCK_N, PRECISION)
+        count = n_blocks
+    for i in range(0, count):
+        if FILTER:
+            nb = tl.load(order_ptr + i * chunk_blocks + pid_v)
+        else:
+            nb = i
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows = offs_n.to(tl.int64)[:, None]
+        dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
+                     mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        e = tl.load(e_ptr + rows * stride_en + offs_d[None, :] * stride_ed,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(tl.trans(dl), e, acc, PRECISION)
     dc_ptrs = dc_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv + offs_d[None, :] * stride_cd
     tl.store(dc_ptrs, cast_out(acc, dc_ptr.dtype.element_ty, PRECISION),
              mask=mask_v[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _de_tile(acc, vb, dl_ptr, c_ptr, rows, offs_d, mask_n, mask_d, v0, vc, stride_dln,
-             stride_cv, stride_cd, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + dl[rows, block vb of the chunk] @ c[v0 + block vb, offs_d]``."""
-    offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_c < vc
-    dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
-                 mask=mask_n[:, None] & mask_v[None, :], other=0.0)
-    c = tl.load(c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
-                + offs_d[None, :] * stride_cd,
-                mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-    return mma(dl, c, acc, PRECISION)
 
 
 @triton.jit
@@ -152,8 +125,6 @@ def _de_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_DO: tl.constexpr,
     FILTER: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid: (token blocks, D blocks). One program owns one (BLOCK_N x BLOCK_DO) tile of the fp32
-    dE accumulator and adds the chunk's kept tiles of its row."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,19 +133,23 @@ def _de_kernel(
     mask_d = offs_d < D
     rows = offs_n.to(tl.int64)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    count = chunk_blocks
     if FILTER:
         count = tl.load(count_ptr + pid_n)
-    # As in _dc_kernel: the list of kept tiles only for a row of tiles with dropped ones.
-    if count < chunk_blocks:
-        for i in range(0, count):
-            vb = tl.load(order_ptr + pid_n * chunk_blocks + i)
-            acc = _de_tile(acc, vb, dl_ptr, c_ptr, rows, offs_d, mask_n, mask_d, v0, vc,
-                           stride_dln, stride_cv, stride_cd, BLOCK_V, PRECISION)
     else:
-        for vb in range(0, chunk_blocks):
-            acc = _de_tile(acc, vb, dl_ptr, c_ptr, rows, offs_d, mask_n, mask_d, v0, vc,
-                           stride_dln, stride_cv, stride_cd, BLOCK_V, PRECISION)
+        count = chunk_blocks
+    for i in range(0, count):
+        if FILTER:
+            vb = tl.load(order_ptr + pid_n * chunk_blocks + i)
+        else:
+            vb = i
+        offs_c = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        dl = tl.load(dl_ptr + rows * stride_dln + offs_c[None, :],
+                     mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+        c = tl.load(c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
+                    + offs_d[None, :] * stride_cd,
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        acc = mma(dl, c, acc, PRECISION)
     de_ptrs = de_ptr + rows * stride_den + offs_d[None, :]
     mask = mask_n[:, None] & mask_d[None, :]
     if accumulate:

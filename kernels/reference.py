@@ -84,7 +84,7 @@ def backward(
     dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     keep = None
-    if grad_filter is not None and grad_filter.kind == "budget" and e.shape[0] > 0:
+    if grad_filter is not None and grad_filter.kind == "budget" and e.shape[0] > 0 and v > 0:
         keep = _budget_keep(ef, c, lse, cdt, chunk_size, vocab_size or v, grad_filter)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)

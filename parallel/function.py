@@ -102,7 +102,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         lse, target_logit, tile_max = cce_forward(e, c, targets, vocab_start, backend)
         if group is not None:
             stats = all_gather_dim0(torch.stack([lse, target_logit]), group)
-            stats = stats.view(-1, 2, lse.shape[0])
+            stats = stats.view(torch.distributed.get_world_size(group), 2, lse.shape[0])
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
         valid = targets != ignore_index

@@ -267,3 +267,54 @@ def test_second_derivatives_and_functorch_raise_clear_errors():
         torch.func.grad(lambda x: linear_cross_entropy(x, c, t))(e)
     with pytest.raises(RuntimeError, match="does not support torch.func"):
         torch.func.vmap(lambda x: linear_cross_entropy(x, c, t[:1]))(e[:, None])
+
+
+def _random_vp_cases(world: int, count: int, seed: int) -> list[dict]:
+    """Random vocabulary-parallel calls: uneven shards (empty and one-row ones included), sequence
+    parallel on and off, every reduction, ignore patterns (all of one rank's slice, all but one
+    token, random), both backends, fp32 and bf16, exact and default filter, explicit or derived
+    vocab_start. The same list on every rank (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        v = rng.randint(world, 90)
+        cuts = sorted(rng.randint(0, v) for _ in range(world - 1))
+        sizes = [b - a for a, b in zip([0, *cuts], [*cuts, v])]
+        cases.append(dict(
+            seed=seed * 1000 + i, s=world * rng.randint(1, 4), b=rng.randint(1, 3),
+            d=rng.randint(1, 24), sizes=sizes, sp=rng.random() < 0.5,
+            reduction=rng.choice(("mean", "sum", "none")),
+            backend=rng.choice(("triton", "reference")),
+            ignore=rng.choice((None, "random", "first_slice", "one_valid")),
+            dtype=rng.choice((torch.float32, torch.bfloat16)),
+            filter_eps=rng.choice((None, "auto")), explicit_start=rng.random() < 0.3,
+        ))
+    return cases
+
+
+def _vp_fuzz_worker(rank, world, count, seed):
+    import torch.distributed as dist
+
+    from test_vocab_parallel import _check_case
+
+    group = dist.group.WORLD
+    for case in _random_vp_cases(world, count, seed):
+        with checked_memory():
+            _check_case(group, case)
+    # An empty batch on every rank: zero loss and gradients, no rank left waiting.
+    c = torch.randn(5, 8, requires_grad=True)
+    loss = linear_cross_entropy(torch.randn(0, 8, requires_grad=True), c,
+                                torch.zeros(0, dtype=torch.long), group=group)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(c.grad, torch.zeros_like(c))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fuzz_vocabulary_parallel_over_gloo(world):
+    """The vocabulary-parallel op against the single-device float64 oracle on random calls,
+    every interpreted launch bounds-checked (see _random_vp_cases)."""
+    from distributed import run_ranks
+
+    run_ranks(world, _vp_fuzz_worker, max(8, EXAMPLES // 3), world)

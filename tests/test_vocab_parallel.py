@@ -44,6 +44,8 @@ def _check_case(group, case):
         t[::3] = -100
     elif case.get("ignore") == "first_slice":  # every token of group rank 0's slice ignored
         t[: s // gw] = -100
+    elif case.get("ignore") == "random":
+        t[torch.rand(t.shape, generator=torch.Generator().manual_seed(case["seed"])) < 0.5] = -100
     elif case.get("ignore") == "one_valid":
         keep = t[s - 1, b - 1].clone()
         t[:] = -100
@@ -58,7 +60,8 @@ def _check_case(group, case):
         e_full, c_full = e_full.to(dtype).float(), c_full.to(dtype).float()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     loss = linear_cross_entropy(
-        e, c, t.to(dev), reduction=case["reduction"], filter_eps=None, group=group,
+        e, c, t.to(dev), reduction=case["reduction"], filter_eps=case.get("filter_eps"),
+        group=group,
         sequence_parallel=sp, vocab_start=start if case.get("explicit_start") else None,
         backend=case["backend"],
     )

@@ -55,17 +55,27 @@ def default_budget(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 8
 
 
+def _extents(total: int, tiles: int, block: int, device) -> torch.Tensor:
+    """(tiles,) sizes of the blocks of ``block`` that cover ``total`` (the last one partial)."""
+    return (total - torch.arange(tiles, device=device) * block).clamp(max=block)
+
+
+def _max_prob(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int) -> torch.Tensor:
+    """(n_tiles, v_tiles): a bound on the largest probability in each tile,
+    exp(tile max - the smallest LSE of the tile's tokens)."""
+    n_tiles = tile_max.shape[0]
+    padded = torch.nn.functional.pad(lse.float(), (0, n_tiles * block_n - lse.shape[0]),
+                                     value=math.inf)
+    return torch.exp(tile_max - padded.view(n_tiles, block_n).amin(dim=1)[:, None])
+
+
 def tile_bounds(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int, block_v: int,
                 v: int) -> torch.Tensor:
     """(n_tiles, v_tiles) fp32 upper bounds on the probability mass any token of a token block
     holds in a vocabulary tile of this shard (``v`` rows), from the forward's tile maxima and
     the global LSE (N,)."""
-    n_tiles, v_tiles = tile_max.shape
-    n = lse.shape[0]
-    padded = torch.nn.functional.pad(lse.float(), (0, n_tiles * block_n - n), value=math.inf)
-    lse_min = padded.view(n_tiles, block_n).amin(dim=1)
-    width = (v - torch.arange(v_tiles, device=lse.device) * block_v).clamp(max=block_v)
-    return width * torch.exp(tile_max - lse_min[:, None])
+    widths = _extents(v, tile_max.shape[1], block_v, lse.device)
+    return widths * _max_prob(tile_max, lse, block_n)
 
 
 def _within(cost: torch.Tensor, limit: torch.Tensor, dim: int) -> torch.Tensor:
@@ -85,9 +95,8 @@ def budget_skips(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int, block_
     n = lse.shape[0]
     bound = tile_bounds(tile_max, lse, block_n, block_v, v)
     per_token = _within(bound, budget * v / vocab_size, dim=1)
-    tokens = (n - torch.arange(bound.shape[0], device=lse.device) * block_n).clamp(max=block_n)
-    width = (v - torch.arange(bound.shape[1], device=lse.device) * block_v).clamp(max=block_v)
-    column_limit = budget * n * width / vocab_size
+    tokens = _extents(n, bound.shape[0], block_n, lse.device)
+    column_limit = budget * n * _extents(v, bound.shape[1], block_v, lse.device) / vocab_size
     per_row = _within(bound * tokens[:, None], column_limit[None, :], dim=0)
     return per_token & per_row
 
@@ -98,9 +107,6 @@ def keep_tiles(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int, block_v:
     holding a target, which the kernels always keep), 0 where the filter proves it negligible."""
     if grad_filter.kind == "budget":
         skip = budget_skips(tile_max, lse, block_n, block_v, v, vocab_size, grad_filter.value)
-    else:
-        bound = tile_bounds(tile_max, lse, block_n, block_v, v)
-        # Every entry of the tile is under eps: its largest probability is below the bound / w.
-        width = (v - torch.arange(bound.shape[1], device=lse.device) * block_v).clamp(max=block_v)
-        skip = bound / width < grad_filter.value
+    else:  # every entry of the tile is provably under eps
+        skip = _max_prob(tile_max, lse, block_n) < grad_filter.value
     return (~skip).to(torch.int8)

@@ -42,9 +42,9 @@ def resolve_backend(backend: str, e: torch.Tensor) -> str:
 def tile_grid(
     n: int, v: int, backend: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[int, int]:
-    """Shape of the per-tile maxima the forward records (empty for the reference)."""
+    """Shape of the per-tile maxima the forward records."""
     if backend != "triton":
-        return (0, 0)
+        return (triton.cdiv(n, reference.TILE_N), triton.cdiv(v, reference.TILE_V))
     cfg: BlockConfig = default_config(device, dtype)
     return (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
 
@@ -54,14 +54,13 @@ def cce_forward(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), and the
-    per-tile maxima (fp32, empty for the reference)."""
+    per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`)."""
     if backend == "triton":
         from . import triton_forward
 
         cfg = default_config(e.device, e.dtype)
         return triton_forward.forward(e, c, targets, vocab_start, cfg)
-    lse, tgt = reference.forward(e, c, targets, vocab_start)
-    return lse, tgt, torch.empty((0, 0), dtype=torch.float32, device=e.device)
+    return reference.forward(e, c, targets, vocab_start)
 
 
 @cce_forward.register_fake
@@ -142,7 +141,7 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
         )
     de, dc = reference.backward(
-        e, c, targets, lse, grad_scale, vocab_start, grad_filter, de_fp32=de_fp32,
+        e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, de_fp32=de_fp32,
         vocab_size=vocab_size,
     )
     if on_de_ready is not None:

@@ -29,19 +29,23 @@ def forward(
     targets: torch.Tensor,
     vocab_start: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LSE and target logit of each token over the rows of ``c``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSE, target logit and tile maxima of each token over the rows of ``c``.
 
     e: (N, D), c: (V, D), targets: (N,) integer global ids. Row v of ``c`` is global id
-    ``vocab_start + v``. Returns ``(lse, target_logit)``, both (N,) in float32 (float64 for
-    float64 inputs); ``target_logit`` is 0 where the target is not among these rows.
+    ``vocab_start + v``. Returns ``(lse, target_logit, tile_max)``: (N,) and (N,) in float32
+    (float64 for float64 inputs), ``target_logit`` 0 where the target is not among these rows;
+    and the largest logit of every (TILE_N x TILE_V) tile, (cdiv(N, TILE_N), cdiv(V, TILE_V))
+    float32, which the budget filter of :func:`backward` bounds the tiles' mass with.
     """
     cdt = _compute_dtype(e.dtype)
     n, v = e.shape[0], c.shape[0]
     lse = torch.full((n,), -math.inf, dtype=cdt, device=e.device)
     tgt = torch.zeros((n,), dtype=cdt, device=e.device)
+    maxima = [torch.empty((-(-n // TILE_N), 0), dtype=torch.float32, device=e.device)]
     local_t = targets.long() - vocab_start
     ef = e.to(cdt)
+    chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
         logits = ef @ c[v0:v1].to(cdt).T
@@ -49,7 +53,19 @@ def forward(
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
         tgt = tgt + torch.where(inside, logits.gather(1, col[:, None])[:, 0], 0.0)
-    return lse, tgt
+        maxima.append(_tile_maxima(logits))
+    return lse, tgt, torch.cat(maxima, dim=1)
+
+
+def _tile_maxima(logits: torch.Tensor) -> torch.Tensor:
+    """(n, w) logits -> (cdiv(n, TILE_N), cdiv(w, TILE_V)) fp32 maxima of their tiles."""
+    n, w = logits.shape
+    n_tiles = -(-n // TILE_N)
+    if n == 0:
+        return logits.new_empty((0, -(-w // TILE_V)), dtype=torch.float32)
+    padded = torch.nn.functional.pad(
+        logits, (0, -w % TILE_V, 0, n_tiles * TILE_N - n), value=-math.inf)
+    return padded.view(n_tiles, TILE_N, -1, TILE_V).amax(dim=(1, 3)).float()
 
 
 def backward(
@@ -60,6 +76,7 @@ def backward(
     grad_scale: torch.Tensor,
     vocab_start: int = 0,
     grad_filter: Optional[GradFilter] = None,
+    tile_max: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK,
     de_fp32: bool = False,
     vocab_size: Optional[int] = None,
@@ -69,8 +86,8 @@ def backward(
     ``lse`` is the LSE over the *whole* vocabulary (all shards); the softmax of this shard is
     ``exp(logits - lse)``. With the per-entry filter, entries with ``|softmax - onehot| < eps``
     are dropped (element-wise; the Triton kernels drop whole tiles); with the budget filter,
-    the (TILE_N x TILE_V) tiles that ``filtering.budget_skips`` picks from this function's own
-    tile maxima, except those holding a target. ``vocab_size``: rows of all shards. Returns ``(de, dc)`` in the
+    the (TILE_N x TILE_V) tiles that ``filtering.budget_skips`` picks from ``tile_max`` (the
+    forward's), except those holding a target. ``vocab_size``: rows of all shards. Returns ``(de, dc)`` in the
     dtypes of ``e`` and ``c`` (``de`` in the compute dtype with ``de_fp32``); ``de`` is this
     shard's partial contribution.
     """
@@ -85,7 +102,11 @@ def backward(
     chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     keep = None
     if grad_filter is not None and grad_filter.kind == "budget" and e.shape[0] > 0 and v > 0:
-        keep = _budget_keep(ef, c, lse, cdt, chunk_size, vocab_size or v, grad_filter)
+        grid = (-(-e.shape[0] // TILE_N), -(-v // TILE_V))
+        if tile_max is None or tuple(tile_max.shape) != grid:
+            raise ValueError(f"the budget filter needs the forward's tile maxima {grid}, got "
+                             f"{None if tile_max is None else tuple(tile_max.shape)}")
+        keep = keep_tiles(tile_max, lse, TILE_N, TILE_V, v, vocab_size or v, grad_filter)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
         cc = c[v0:v1].to(cdt)
@@ -107,19 +128,3 @@ def backward(
         de += g @ cc
         dc[v0:v1] = (g.T @ ef).to(c.dtype)
     return (de if de_fp32 else de.to(e.dtype)), dc
-
-
-def _budget_keep(ef, c, lse, cdt, chunk_size, vocab_size, grad_filter):
-    """The budget filter's keep mask on this function's (TILE_N x TILE_V) tiles, from their
-    maxima (one extra pass over the vocabulary, as the reference's forward records none)."""
-    n, v = ef.shape[0], c.shape[0]
-    n_tiles = -(-n // TILE_N)
-    maxima = []
-    for v0 in range(0, v, chunk_size):
-        logits = ef @ c[v0:v0 + chunk_size].to(cdt).T
-        w = logits.shape[1]
-        padded = torch.nn.functional.pad(
-            logits, (0, -w % TILE_V, 0, n_tiles * TILE_N - n), value=-math.inf)
-        maxima.append(padded.view(n_tiles, TILE_N, -1, TILE_V).amax(dim=(1, 3)))
-    tile_max = torch.cat(maxima, dim=1).float()
-    return keep_tiles(tile_max, lse, TILE_N, TILE_V, v, vocab_size, grad_filter)

@@ -38,6 +38,8 @@ def linear_cross_entropy(
     group: Optional["torch.distributed.ProcessGroup"] = None,
     sequence_parallel: bool = False,
     backend: str = "auto",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of the logits ``e @ c.T`` against ``targets``, computed blockwise.
 
@@ -60,6 +62,9 @@ def linear_cross_entropy(
             tokens and ``targets`` cover the gathered sequence.
         backend: ``"auto"`` (Triton on CUDA or under TRITON_INTERPRET=1, else the PyTorch
             reference), ``"triton"`` or ``"reference"``.
+        label_smoothing: in [0, 1): ``F.cross_entropy``'s meaning, ``(1 - eps) * CE + eps *
+            (LSE - mean_j z_j)`` with the mean over the whole (global) vocabulary.
+        z_loss: >= 0: adds ``z_loss * LSE^2`` per token (PaLM's auxiliary loss).
 
     Returns:
         The loss in fp32 (fp64 for fp64 inputs), differentiable in ``e`` and ``c``, the same on
@@ -84,6 +89,12 @@ def linear_cross_entropy(
             e, c, targets, reduction, filter_eps, backend, BACKENDS,
             gathered_rows=world if sequence_parallel else 1,
         )
+        for name, value, upper in (("label_smoothing", label_smoothing, 1.0),
+                                   ("z_loss", z_loss, float("inf"))):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0.0 <= value < upper
+            ):
+                raise ValueError(f"{name} must be a float in [0, {upper}), got {value!r}")
         if vocab_start is not None and (
             isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
         ):
@@ -106,6 +117,7 @@ def linear_cross_entropy(
             group, rows=e2.shape[0], d=d, shard_rows=c.shape[0], vocab_start=vocab_start,
             dtype=e.dtype, reduction=reduction, ignore_index=ignore_index,
             sequence_parallel=sequence_parallel, num_targets=t1.numel(), filter_eps=eps,
+            label_smoothing=float(label_smoothing), z_loss=float(z_loss),
         )
         start, vocab_size = layout.vocab_start, layout.vocab_size
     check_target_range(targets, vocab_size, ignore_index)
@@ -116,7 +128,8 @@ def linear_cross_entropy(
         c = c.contiguous()
     loss = LinearCrossEntropyFunction.apply(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
-        resolve_backend(backend, e2), group, sequence_parallel,
+        resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
+        float(z_loss),
     )
     if reduction == "none":
         return loss.reshape(targets.shape)
@@ -135,8 +148,12 @@ class LinearCrossEntropy(nn.Module):
         group: Optional["torch.distributed.ProcessGroup"] = None,
         sequence_parallel: bool = False,
         backend: str = "auto",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__()
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.filter_eps = filter_eps
@@ -152,6 +169,7 @@ class LinearCrossEntropy(nn.Module):
             e, c, targets, ignore_index=self.ignore_index, reduction=self.reduction,
             filter_eps=self.filter_eps, vocab_start=vocab_start, group=self.group,
             sequence_parallel=self.sequence_parallel, backend=self.backend,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
         )
 
     def extra_repr(self) -> str:

@@ -51,26 +51,29 @@ def tile_grid(
 
 @torch.library.custom_op("cce_dist::forward", mutates_args=())
 def cce_forward(
-    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), and the
-    per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`)."""
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str,
+    sum_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), the
+    per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`), and with ``sum_logits``
+    each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor."""
     if backend == "triton":
         from . import triton_forward
 
         cfg = default_config(e.device, e.dtype)
-        return triton_forward.forward(e, c, targets, vocab_start, cfg)
-    return reference.forward(e, c, targets, vocab_start)
+        return triton_forward.forward(e, c, targets, vocab_start, cfg, sum_logits)
+    return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits)
 
 
 @cce_forward.register_fake
-def _(e, c, targets, vocab_start, backend):
+def _(e, c, targets, vocab_start, backend, sum_logits=False):
     n, v = e.shape[0], c.shape[0]
     stat_dtype = loss_dtype(e.dtype)
     return (
         e.new_empty((n,), dtype=stat_dtype),
         e.new_empty((n,), dtype=stat_dtype),
         e.new_empty(tile_grid(n, v, backend, e.device, e.dtype), dtype=torch.float32),
+        e.new_empty((n if sum_logits else 0,), dtype=stat_dtype),
     )
 
 
@@ -87,20 +90,21 @@ def cce_backward(
     backend: str,
     de_fp32: bool = False,
     vocab_size: int = -1,
+    target_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial dE (N, D) and dC (V, D) from the global LSE, in the input dtype (dE in fp32, or
     fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding).
 
     ``filter_eps``: the gradient filter as one float (``GradFilter.encode``: the per-entry
     threshold, or minus the budget), None for exact; ``vocab_size``: rows of all shards (-1:
-    this shard's)."""
+    this shard's); ``target_weight``: weight of the one-hot term (1 - label smoothing)."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     de_fp32, None, vocab_size)
+                     de_fp32, None, vocab_size, target_weight)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-      de_fp32=False, vocab_size=-1):
+      de_fp32=False, vocab_size=-1, target_weight=1.0):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c)
 
@@ -117,6 +121,7 @@ def cce_backward_notify(
     backend: str,
     on_de_ready: Callable[[torch.Tensor], None],
     vocab_size: int = -1,
+    target_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
@@ -125,11 +130,11 @@ def cce_backward_notify(
     the cross-rank dE reduction while dC is still being computed.
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     True, on_de_ready, vocab_size)
+                     True, on_de_ready, vocab_size, target_weight)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-              de_fp32, on_de_ready, vocab_size):
+              de_fp32, on_de_ready, vocab_size, target_weight):
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     if backend == "triton":
@@ -139,10 +144,11 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
             e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max,
             default_config(e.device, e.dtype),
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
+            target_weight=target_weight,
         )
     de, dc = reference.backward(
         e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, de_fp32=de_fp32,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, target_weight=target_weight,
     )
     if on_de_ready is not None:
         on_de_ready(de)

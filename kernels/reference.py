@@ -29,19 +29,22 @@ def forward(
     targets: torch.Tensor,
     vocab_start: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LSE, target logit and tile maxima of each token over the rows of ``c``.
+    sum_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LSE, target logit, tile maxima (and sum of logits) of each token over the rows of ``c``.
 
     e: (N, D), c: (V, D), targets: (N,) integer global ids. Row v of ``c`` is global id
     ``vocab_start + v``. Returns ``(lse, target_logit, tile_max)``: (N,) and (N,) in float32
     (float64 for float64 inputs), ``target_logit`` 0 where the target is not among these rows;
     and the largest logit of every (TILE_N x TILE_V) tile, (cdiv(N, TILE_N), cdiv(V, TILE_V))
-    float32, which the budget filter of :func:`backward` bounds the tiles' mass with.
+    float32, which the budget filter of :func:`backward` bounds the tiles' mass with; with
+    ``sum_logits``, each token's sum of logits over these rows (N,) (else an empty tensor).
     """
     cdt = _compute_dtype(e.dtype)
     n, v = e.shape[0], c.shape[0]
     lse = torch.full((n,), -math.inf, dtype=cdt, device=e.device)
     tgt = torch.zeros((n,), dtype=cdt, device=e.device)
+    zsum = torch.zeros((n if sum_logits else 0,), dtype=cdt, device=e.device)
     maxima = [torch.empty((-(-n // TILE_N), 0), dtype=torch.float32, device=e.device)]
     local_t = targets.long() - vocab_start
     ef = e.to(cdt)
@@ -54,7 +57,9 @@ def forward(
         col = torch.where(inside, local_t - v0, 0)
         tgt = tgt + torch.where(inside, logits.gather(1, col[:, None])[:, 0], 0.0)
         maxima.append(_tile_maxima(logits))
-    return lse, tgt, torch.cat(maxima, dim=1)
+        if sum_logits:
+            zsum = zsum + logits.sum(dim=1)
+    return lse, tgt, torch.cat(maxima, dim=1), zsum
 
 
 def _tile_maxima(logits: torch.Tensor) -> torch.Tensor:
@@ -80,8 +85,10 @@ def backward(
     chunk_size: int = DEFAULT_CHUNK,
     de_fp32: bool = False,
     vocab_size: Optional[int] = None,
+    target_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``sum_n grad_scale[n] * (lse[n] - logit[n, t_n])`` in ``e`` and ``c``.
+    """Gradients of ``sum_n grad_scale[n] * (lse[n] - w * logit[n, t_n])`` in ``e`` and ``c``,
+    ``w = target_weight`` (1 - label smoothing; the smoothing's uniform term is not here).
 
     ``lse`` is the LSE over the *whole* vocabulary (all shards); the softmax of this shard is
     ``exp(logits - lse)``. With the per-entry filter, entries with ``|softmax - onehot| < eps``
@@ -113,7 +120,7 @@ def backward(
         g = torch.exp(ef @ cc.T - lse[:, None])
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
-        g.scatter_add_(1, col[:, None], -inside.to(cdt)[:, None])
+        g.scatter_add_(1, col[:, None], -target_weight * inside.to(cdt)[:, None])
         if keep is not None:
             tiles = keep[:, v0 // TILE_V: (v1 + TILE_V - 1) // TILE_V].bool()
             # A tile holding a target is always kept.

@@ -33,7 +33,7 @@ from .tiles import BlockConfig, backward_config, cast_out, dot_precision, local_
 @triton.jit
 def _dlogits_kernel(
     e_ptr, c_ptr, t_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
-    N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps,
+    N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps, target_weight,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FILTER: tl.constexpr, ENTRY_TEST: tl.constexpr, PRECISION: tl.constexpr,
@@ -64,7 +64,7 @@ def _dlogits_kernel(
                 e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv,
                 stride_cd, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
             )
-            g = tl.exp(logits - lse[:, None]) - hit.to(tl.float32)
+            g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
             g = tl.where(mask, g, 0.0)
             if ENTRY_TEST:  # the per-entry filter also drops recomputed tiles under eps
                 flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
@@ -75,7 +75,7 @@ def _dlogits_kernel(
             e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
-        g = tl.exp(logits - lse[:, None]) - hit.to(tl.float32)
+        g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
         g = tl.where(mask, g, 0.0)
         tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
@@ -193,6 +193,7 @@ def backward(
     tile_max: torch.Tensor,
     cfg: BlockConfig,
     vocab_size: Optional[int] = None,
+    target_weight: float = 1.0,
     de_fp32: bool = False,
     on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +202,9 @@ def backward(
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
     fp32; tile_max: the forward's per-tile maxima (on ``cfg``'s tiles, which the backward walks
     too with the per-entry filter; otherwise ``backward_config``'s taller ones); grad_filter: None (exact) or
-    the filter (``kernels/filtering.py``); vocab_size: rows of all shards (default: this one's).
+    the filter (``kernels/filtering.py``); vocab_size: rows of all shards (default: this one's);
+    target_weight: the weight of the one-hot term, 1 - label smoothing (whose uniform term the
+    caller adds).
     Returns ``(de, dc)`` in the
     input dtype (``de`` in fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
@@ -252,7 +255,7 @@ def backward(
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
             _dlogits_kernel[(n_blocks, cb)](
                 e, c, targets, lse, grad_scale, keep, dl, flags,
-                n, v, d, vocab_start, v0, vc, v_blocks, cb, eps,
+                n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
                 ENTRY_TEST=entry_test, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -19,12 +19,14 @@ from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
 
 @triton.jit
 def _forward_kernel(
-    e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, tile_max_ptr,
+    e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, zsum_part_ptr, tile_max_ptr,
     N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles,
     stride_en, stride_ed, stride_cv, stride_cd,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SUM_LOGITS: tl.constexpr,
 ):
+    """Grid: (token blocks, vocabulary splits). One program owns one token block's partial LSE,
+    target logit (and, with SUM_LOGITS, sum of logits) over its split's vocabulary blocks."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -35,6 +37,7 @@ def _forward_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     vb_begin = pid_s * blocks_per_split
     vb_end = tl.minimum(vb_begin + blocks_per_split, num_v_blocks)
     for vb in range(vb_begin, vb_end):
@@ -63,9 +66,13 @@ def _forward_kernel(
         m = m_new
         hit = (offs_v[None, :] == local_t[:, None]) & mask_v[None, :]
         tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+        if SUM_LOGITS:  # label smoothing's mean logit
+            zsum += tl.sum(tl.where(mask_v[None, :], logits, 0.0), axis=1)
     lse = m + tl.log(s)
     tl.store(lse_part_ptr + pid_s * N + offs_n, lse, mask=mask_n)
     tl.store(tgt_part_ptr + pid_s * N + offs_n, tgt, mask=mask_n)
+    if SUM_LOGITS:
+        tl.store(zsum_part_ptr + pid_s * N + offs_n, zsum, mask=mask_n)
 
 
 @triton.jit
@@ -85,11 +92,13 @@ def forward(
     targets: torch.Tensor,
     vocab_start: int,
     cfg: BlockConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sum_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """e: (N, D), c: (V, D) of one float dtype; targets: (N,) integer global ids.
 
-    Returns ``(lse, target_logit, tile_max)``: (N,) float32, (N,) float32 (0 where the target is
-    not in these rows) and (cdiv(N, block_n), cdiv(V, block_v)) float32.
+    Returns ``(lse, target_logit, tile_max, logit_sum)``: (N,) float32, (N,) float32 (0 where the
+    target is not in these rows), (cdiv(N, block_n), cdiv(V, block_v)) float32, and with
+    ``sum_logits`` each token's sum of logits over these rows, (N,) float32 (else empty).
     """
     n, d = e.shape
     v = c.shape[0]
@@ -99,22 +108,24 @@ def forward(
     n_blocks = triton.cdiv(n, cfg.fw_block_n)
     v_blocks = triton.cdiv(v, cfg.fw_block_v)
     tile_max = torch.empty((n_tiles, v_tiles), dtype=torch.float32, device=e.device)
+    zeros = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
-        return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max
+        return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zeros
     splits = max(1, min(v_blocks, triton.cdiv(cfg.target_programs, n_blocks)))
     blocks_per_split = triton.cdiv(v_blocks, splits)
     splits = triton.cdiv(v_blocks, blocks_per_split)
-    lse_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
-    tgt_part = torch.empty((splits, n), dtype=torch.float32, device=e.device)
+    parts = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32, device=e.device)
+    lse_part, tgt_part, zsum_part = parts[0], parts[1], parts[-1]
     _forward_kernel[(n_blocks, splits)](
-        e, c, targets, lse_part, tgt_part, tile_max,
+        e, c, targets, lse_part, tgt_part, zsum_part, tile_max,
         n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
         e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
-        BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype),
+        BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype), SUM_LOGITS=sum_logits,
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
+    logit_sum = zsum_part.sum(dim=0) if sum_logits else zeros
     if splits == 1:
-        return lse_part[0], tgt_part[0], tile_max
-    return torch.logsumexp(lse_part, dim=0), tgt_part.sum(dim=0), tile_max
+        return lse_part[0].clone(), tgt_part[0].clone(), tile_max, logit_sum
+    return torch.logsumexp(lse_part, dim=0), tgt_part.sum(dim=0), tile_max, logit_sum

@@ -34,9 +34,11 @@ _REDUCTIONS = ("mean", "sum", "none")
 _FIELDS = (
     ("rows of e", True), ("D", True), ("dtype", True), ("reduction", True),
     ("ignore_index", True), ("sequence_parallel", True), ("number of targets", True),
-    ("filter_eps", True), ("shard rows", False), ("vocab_start", False),
+    ("filter_eps", True), ("label_smoothing", True), ("z_loss", True), ("shard rows", False),
+    ("vocab_start", False),
     ("rejected its arguments", False),
 )
+_COLUMN = {name: i for i, (name, _) in enumerate(_FIELDS)}
 _cache: dict = {}
 
 
@@ -63,11 +65,14 @@ def shard_layout(
     sequence_parallel: bool,
     num_targets: int,
     filter_eps: Optional[float],
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> ShardLayout:
     """Check that all ranks of ``group`` agree and return this rank's :class:`ShardLayout`."""
     signature = (
         rows, d, _DTYPES.index(dtype), _REDUCTIONS.index(reduction), ignore_index,
-        int(sequence_parallel), num_targets, _eps_bits(filter_eps), shard_rows,
+        int(sequence_parallel), num_targets, _eps_bits(filter_eps), _eps_bits(label_smoothing),
+        _eps_bits(z_loss), shard_rows,
         -1 if vocab_start is None else vocab_start, 0,
     )
     key = (id(group), signature)
@@ -104,22 +109,22 @@ def _check(table: list[list[int]], rank: int, sequence_parallel: bool) -> ShardL
                 values = [str(_DTYPES[v]) for v in values]
             elif name == "reduction":
                 values = [_REDUCTIONS[v] for v in values]
-            elif name == "filter_eps":
+            elif name in ("filter_eps", "label_smoothing", "z_loss"):
                 values = [None if v == -1 else struct.unpack("<d", struct.pack("<q", v))[0]
                           for v in values]
             raise ValueError(
                 f"linear_cross_entropy: the ranks of the group disagree on {name}: "
                 f"{values} (by rank); every rank must make the same call with its own shard"
             )
-    rows, num_targets = table[0][0], table[0][6]
+    rows, num_targets = table[0][_COLUMN["rows of e"]], table[0][_COLUMN["number of targets"]]
     want = rows * world if sequence_parallel else rows
     if num_targets != want:
         raise ValueError(
             f"targets must cover {'the gathered sequence: ' if sequence_parallel else ''}"
             f"{want} tokens, got {num_targets}"
         )
-    sizes = [row[8] for row in table]
-    starts = [row[9] for row in table]
+    sizes = [row[_COLUMN["shard rows"]] for row in table]
+    starts = [row[_COLUMN["vocab_start"]] for row in table]
     given = [s != -1 for s in starts]
     if any(given) and not all(given):
         raise ValueError(

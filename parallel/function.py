@@ -96,54 +96,102 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         backend: str,
         group=None,
         sequence_parallel: bool = False,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         if group is not None and sequence_parallel:
             e = all_gather_dim0(e, group)
-        lse, target_logit, tile_max = cce_forward(e, c, targets, vocab_start, backend)
+        smoothing = label_smoothing > 0
+        lse, target_logit, tile_max, logit_sum = cce_forward(
+            e, c, targets, vocab_start, backend, smoothing)
         if group is not None:
-            stats = all_gather_dim0(torch.stack([lse, target_logit]), group)
-            stats = stats.view(torch.distributed.get_world_size(group), 2, lse.shape[0])
+            rows = [lse, target_logit] + ([logit_sum] if smoothing else [])
+            stats = all_gather_dim0(torch.stack(rows), group)
+            stats = stats.view(torch.distributed.get_world_size(group), len(rows), lse.shape[0])
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
+            if smoothing:
+                logit_sum = stats[:, 2].sum(dim=0)
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab_size)
-        per_token = torch.where(valid, lse - target_logit, 0.0)
+        per_token = lse - target_logit
+        if smoothing:  # (1 - eps) CE + eps (LSE - mean logit), the mean over the whole vocabulary
+            per_token = per_token + label_smoothing * (target_logit - logit_sum / vocab_size)
+        if z_loss:
+            per_token = per_token + z_loss * lse * lse
+        per_token = torch.where(valid, per_token, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
-                      sequence_parallel)
+                      sequence_parallel, label_smoothing, z_loss)
         return _reduce(per_token, valid, reduction)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor):
         e, c, targets, lse, tile_max, valid = ctx.saved_tensors
-        reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel = \
-            ctx.config
+        (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
+         label_smoothing, z_loss) = ctx.config
         grad_out = grad_out.to(lse.dtype)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
         grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0).contiguous()
-        rest = (None,) * 9
+        if z_loss:
+            # d(z LSE^2)/dlogits = 2 z LSE softmax: the softmax term scaled by f = 1 + 2 z LSE,
+            # i.e. the softmax of an LSE lowered by log f (exact while f > 0: LSE > -1 / 2z).
+            lse = lse - torch.log((1 + 2 * z_loss * lse).clamp(min=torch.finfo(lse.dtype).tiny))
+        # Label smoothing: the kernels weigh the one-hot term by 1 - eps; its uniform term
+        # -eps / V is rank one and added here (to dE before any reduction across ranks).
+        smooth = label_smoothing / vocab_size
+        uniform = _UniformTerm(e, c, grad_scale, smooth) if label_smoothing else None
+        kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing)
+        rest = (None,) * 11
         if group is None:
             de, dc = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                vocab_size=vocab_size)
+                de_fp32=uniform is not None, **kw)
+            if uniform is not None:
+                de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc)
             return (de, dc) + rest
         if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
             pending = []
+
+            def reduce_de(de):
+                if uniform is not None:
+                    de = uniform.add_to_de(de)
+                pending.append(start_reduction(de, group, scatter=sequence_parallel))
+
             _, dc = cce_backward_notify(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                on_de_ready=lambda de: pending.append(
-                    start_reduction(de, group, scatter=sequence_parallel)),
-                vocab_size=vocab_size,
-            )
+                on_de_ready=reduce_de, **kw)
             de, work = pending[0]
             work.wait()
         else:
             de, dc = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                de_fp32=True, vocab_size=vocab_size,
-            )
+                de_fp32=True, **kw)
+            if uniform is not None:
+                de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
+        if uniform is not None:
+            dc = uniform.add_to_dc(dc)
         return (de.to(e.dtype), dc) + rest
+
+
+class _UniformTerm:
+    """The gradient of label smoothing's uniform term, -eps / V on every logit of every valid
+    token: rank one in both dE (scale_n * sum of this shard's rows of c) and dC (the same row,
+    sum_n scale_n e_n, for every row of c)."""
+
+    def __init__(self, e, c, grad_scale, smooth):
+        cdt = grad_scale.dtype
+        self.de_row = -smooth * c.to(cdt).sum(dim=0)  # (D,)
+        self.scale = grad_scale
+        self.dc_row = -smooth * (grad_scale @ e.to(cdt))  # (D,)
+
+    def add_to_de(self, de: torch.Tensor) -> torch.Tensor:
+        """de: (N, D) in the compute dtype, updated in place."""
+        return de.add_(self.scale[:, None] * self.de_row)
+
+    def add_to_dc(self, dc: torch.Tensor) -> torch.Tensor:
+        return (dc.to(self.dc_row.dtype) + self.dc_row).to(dc.dtype)

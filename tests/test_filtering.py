@@ -98,7 +98,7 @@ def test_default_filter_tile_semantics_on_the_triton_path():
     e = e * 4
     n, v = e.shape[0], c.shape[0]
     budget = 0.05
-    lse, _, tile_max = triton_forward.forward(e, c, t, 0, cfg)
+    lse, _, tile_max = triton_forward.forward(e, c, t, 0, cfg)[:3]
     lse_full = torch.logsumexp(e.double() @ c.double().T, dim=1).float()
     keep = keep_tiles(tile_max, lse_full, cfg.block_n, cfg.block_v, v, v,
                       GradFilter("budget", budget)).bool()

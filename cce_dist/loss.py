@@ -40,7 +40,8 @@ def linear_cross_entropy(
     backend: str = "auto",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy of the logits ``e @ c.T`` against ``targets``, computed blockwise.
 
     Args:
@@ -65,12 +66,15 @@ def linear_cross_entropy(
         label_smoothing: in [0, 1): ``F.cross_entropy``'s meaning, ``(1 - eps) * CE + eps *
             (LSE - mean_j z_j)`` with the mean over the whole (global) vocabulary.
         z_loss: >= 0: adds ``z_loss * LSE^2`` per token (PaLM's auxiliary loss).
+        return_lse: also return each token's log-sum-exp over the whole vocabulary (targets'
+            shape, fp32 / fp64, not differentiable; the same on every rank), which the forward
+            computes anyway: for logging the z-loss term without a second pass.
 
     Returns:
-        The loss in fp32 (fp64 for fp64 inputs), differentiable in ``e`` and ``c``, the same on
-        every rank of ``group``. A token whose target lies outside [0, V) and is not
-        ``ignore_index`` raises on the CPU and yields NaN on CUDA (see
-        ``cce_dist.validation.check_target_range``).
+        The loss (with ``return_lse``: ``(loss, lse)``) in fp32 (fp64 for fp64 inputs),
+        differentiable in ``e`` and ``c``, the same on every rank of ``group``. A token whose
+        target lies outside [0, V) and is not ``ignore_index`` raises on the CPU and yields NaN
+        on CUDA (see ``cce_dist.validation.check_target_range``).
 
     With a group, every rank must make the same call (same e rows, D, dtype, reduction,
     ignore_index, filter_eps) with its own shard; the ranks check this against each other, once
@@ -126,14 +130,14 @@ def linear_cross_entropy(
         e2 = e2.contiguous()
     if c.stride(-1) != 1:
         c = c.contiguous()
-    loss = LinearCrossEntropyFunction.apply(
+    loss, lse = LinearCrossEntropyFunction.apply(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
         float(z_loss),
     )
     if reduction == "none":
-        return loss.reshape(targets.shape)
-    return loss
+        loss = loss.reshape(targets.shape)
+    return (loss, lse.reshape(targets.shape)) if return_lse else loss
 
 
 class LinearCrossEntropy(nn.Module):

@@ -124,11 +124,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss)
-        return _reduce(per_token, valid, reduction)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(per_token, valid, reduction), lse
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_lse: Optional[torch.Tensor]):
         e, c, targets, lse, tile_max, valid = ctx.saved_tensors
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
          label_smoothing, z_loss) = ctx.config

@@ -107,3 +107,15 @@ def test_options_vocabulary_parallel(sizes):
     """Uneven shards over gloo (world 2 and 3), sequence parallel on and off: the global mean
     logit of label smoothing and the z-loss of the global LSE, in the one forward all-gather."""
     run_ranks(len(sizes), _vp_worker, sizes)
+
+
+def test_return_lse_gives_the_per_token_lse_without_changing_the_loss(backend):
+    e, c, t = _inputs(3 * 7, 16, 50, torch.float32, seed=5)
+    e, t = e.view(3, 7, 16).requires_grad_(), t.view(3, 7)
+    loss, lse = linear_cross_entropy(e, c, t, backend=backend, z_loss=1e-2, return_lse=True)
+    want = torch.logsumexp(e.double() @ c.double().T, dim=-1)
+    assert lse.shape == t.shape and not lse.requires_grad
+    assert rel_err(lse, want) < 1e-6
+    assert torch.equal(loss, linear_cross_entropy(e, c, t, backend=backend, z_loss=1e-2))
+    loss.backward()  # the extra output does not disturb the gradient
+    assert torch.isfinite(e.grad).all()

@@ -75,14 +75,27 @@ def shard_layout(
         _eps_bits(z_loss), shard_rows,
         -1 if vocab_start is None else vocab_start, 0,
     )
-    key = (id(group), signature)
+    # The cache is keyed by the fields every rank must share, so that all ranks hit or miss it
+    # together: a key with this rank's own shard in it would let a rank whose shard changed
+    # gather alone while the others, hitting, went on to the forward's collective.
+    shared = tuple(value for value, (_, equal) in zip(signature, _FIELDS) if equal)
+    own = tuple(value for value, (_, equal) in zip(signature, _FIELDS) if not equal)
+    key = (id(group), shared)
     debug = os.environ.get(DEBUG_ENV, "0") == "1"
     if not debug and key in _cache:
-        return _cache[key]
+        layout, cached_own = _cache[key]
+        if own != cached_own:
+            raise ValueError(
+                f"linear_cross_entropy: this rank's vocabulary shard (rows, vocab_start) changed "
+                f"from {cached_own[:2]} to {own[:2]} since an earlier call of the same shape on "
+                f"this group, whose checked layout the ranks reuse; set {DEBUG_ENV}=1 to check "
+                f"the layout on every call when shards change between calls"
+            )
+        return layout
     mine = torch.tensor(signature, dtype=torch.int64, device=group_device(group))
     table = all_gather_dim0(mine[None], group).tolist()  # one row per rank
     layout = _check(table, dist.get_rank(group), sequence_parallel)
-    _cache[key] = layout
+    _cache[key] = (layout, own)
     return layout
 
 

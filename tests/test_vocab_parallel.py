@@ -226,3 +226,45 @@ def _filter_worker(rank, world):
 
 def test_filtering_uses_the_global_lse():
     run_ranks(2, _filter_worker)
+
+
+def _shard_change_worker(rank, world):
+    """Calls of one shape whose shards change between calls (two heads of different splits on
+    one group). Found by the fuzz: the layout cache was keyed by each rank's own shard, so a rank
+    whose shard changed gathered the layout alone while the others went on to the forward's
+    all-gather (gloo: "Received data size doesn't match expected size")."""
+    import os
+
+    from cce_dist.parallel import consistency
+
+    group = dist.group.WORLD
+    v, d = 12, 8
+    g = torch.Generator().manual_seed(0)
+    e, c_full = torch.randn(6, d, generator=g), torch.randn(v, d, generator=g)
+    t = torch.randint(0, v, (6,), generator=g)
+    want = F.cross_entropy(e.double() @ c_full.double().T, t)
+
+    def loss_with(sizes):
+        start = sum(sizes[:rank])
+        return linear_cross_entropy(e, c_full[start:start + sizes[rank]], t, group=group)
+
+    first, changed = ([0, 12], [12, 0]) if world == 2 else ([0, 5, 7], [2, 6, 4])
+    consistency._cache.clear()
+    assert _rel(loss_with(first), want) < 1e-5
+    # Every rank's shard changes: every rank raises, before any collective.
+    with pytest.raises(ValueError, match="shard .* changed"):
+        loss_with(changed)
+    # With CCE_DIST_DEBUG=1 the layout is checked on every call, so shards may change freely,
+    # on some ranks only too.
+    os.environ["CCE_DIST_DEBUG"] = "1"
+    try:
+        for sizes in ([4, 8], [4, 8], [5, 7], [12, 0], [4, 8]) if world == 2 else \
+                ([0, 5, 7], [0, 6, 6], [1, 5, 6], [0, 5, 7]):
+            assert _rel(loss_with(sizes), want) < 1e-5, sizes
+    finally:
+        del os.environ["CCE_DIST_DEBUG"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_that_change_between_calls_of_one_shape(world):
+    run_ranks(world, _shard_change_worker)

@@ -52,9 +52,12 @@ def linear_cross_entropy(
         ignore_index: target value that contributes neither loss nor gradient.
         reduction: ``"mean"`` (over non-ignored tokens; 0 if every token is ignored), ``"sum"``
             or ``"none"`` (per-token loss of the targets' shape, 0 where ignored).
-        filter_eps: gradient filtering threshold. ``"auto"`` is the input dtype's machine epsilon
-            / 32 (2^-12 for bf16, 2^-15 for fp16, 2^-28 for fp32): tiles of the backward in which
-            every |softmax - onehot| is under it are skipped. ``None`` (or 0) is exact.
+        filter_eps: gradient filtering. ``"auto"`` (default): the budget filter, which skips a
+            backward tile only while bounds on the probability mass of all skipped tiles stay
+            within the input dtype's machine epsilon / 8 (2^-10 for bf16) per token and per
+            vocabulary row (``cce_dist/kernels/filtering.py``); a near-uniform softmax loses
+            nothing. A float: the per-entry threshold of the CCE paper (tiles whose every
+            |softmax - onehot| is under it are dropped). ``None`` (or 0) is exact.
         vocab_start: global id of ``c``'s first row when ``c`` is a vocabulary shard (with
             ``group``); None means 0.
         group: the tensor-parallel process group over which ``c`` is sharded by vocabulary rows;
@@ -177,4 +180,6 @@ class LinearCrossEntropy(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, filter_eps={self.filter_eps!r}"
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name in (
+            "label_smoothing", "z_loss") if getattr(self, name))
+        return f"reduction={self.reduction!r}, filter_eps={self.filter_eps!r}{extra}"

@@ -4,9 +4,9 @@ Single device is the case ``group=None``: the same code with the collectives lef
 With a group, ``c`` is this rank's contiguous vocabulary shard starting at global row
 ``vocab_start``, and:
 
-* forward: one all-gather of the packed per-token [LSE, target logit] of every shard, combined
-  locally (``LSE = logsumexp_r LSE_r``, ``target = sum_r target_r``: exact), so every rank holds
-  the global LSE and returns the same loss;
+* forward: one all-gather of the packed per-token [LSE, target logit (, sum of logits with
+  label smoothing)] of every shard, combined locally (``LSE = logsumexp_r LSE_r``, the others
+  summed: exact), so every rank holds the global LSE and returns the same loss;
 * backward: the kernels filter with the global LSE (every rank decides alike), return this
   shard's ``dc`` and a partial ``de`` in fp32, which is all-reduced (or, with sequence
   parallelism, reduce-scattered back to this rank's slice of the sequence) and cast once. The
@@ -74,12 +74,14 @@ def _first_order_only(backward):
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """loss_n = LSE_n - logit_{n, t_n} over all vocabulary rows (all shards), reduced.
+    """loss_n = LSE_n - logit_{n, t_n} over all vocabulary rows (all shards), plus label
+    smoothing's ``eps (logit_{n, t_n} - mean_j logit_{n, j})`` and ``z_loss LSE_n^2``, reduced.
 
     Inputs: e (N, D) (with ``sequence_parallel``: this rank's (N / world, D) slice), c (V_r, D)
-    of the same float dtype, targets (N,) integer global ids. Output: fp32 (fp64 for fp64
-    inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at tokens
-    whose target is outside [0, vocab_size) (no host sync needed to flag them).
+    of the same float dtype, targets (N,) integer global ids. Outputs: the loss, fp32 (fp64 for
+    fp64 inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at
+    tokens whose target is outside [0, vocab_size) (no host sync needed to flag them); and the
+    global LSE (N,), not differentiable.
     """
 
     @staticmethod

@@ -1,8 +1,9 @@
 """Pure-PyTorch chunked reference for the CCE forward and backward.
 
-Same interface as the Triton kernels (``triton_forward`` / ``triton_backward``) and, like them, it never
-holds the N x V logits: it walks the vocabulary in chunks of ``chunk_size`` rows. It runs on any
-device and is the oracle of the tests. Math is done in float32, or float64 for float64 inputs.
+Same interface as the Triton kernels (``triton_forward`` / ``triton_backward``) and, like them,
+it never holds the N x V logits: it walks the vocabulary in chunks of ``chunk_size`` rows. It
+runs on any device and is the oracle of the tests. Math is done in float32, or float64 for
+float64 inputs.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def backward(
     ``exp(logits - lse)``. With the per-entry filter, entries with ``|softmax - onehot| < eps``
     are dropped (element-wise; the Triton kernels drop whole tiles); with the budget filter,
     the (TILE_N x TILE_V) tiles that ``filtering.budget_skips`` picks from ``tile_max`` (the
-    forward's), except those holding a target. ``vocab_size``: rows of all shards. Returns ``(de, dc)`` in the
-    dtypes of ``e`` and ``c`` (``de`` in the compute dtype with ``de_fp32``); ``de`` is this
-    shard's partial contribution.
+    forward's), except those holding a target. ``vocab_size``: rows of all shards. Returns
+    ``(de, dc)`` in the dtypes of ``e`` and ``c`` (``de`` in the compute dtype with
+    ``de_fp32``); ``de`` is this shard's partial contribution.
     """
     cdt = _compute_dtype(e.dtype)
     v = c.shape[0]

@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from .filtering import GradFilter, keep_tiles
-from .tiles import BlockConfig, backward_config, cast_out, dot_precision, local_targets, logits_tile, mma
+from .tiles import (
+    BlockConfig, backward_config, cast_out, dot_precision, local_targets, logits_tile, mma,
+)
 
 
 @triton.jit
@@ -201,12 +203,11 @@ def backward(
 
     e: (N, D), c: (V, D); targets: (N,) global ids; lse: (N,) fp32 global LSE; grad_scale: (N,)
     fp32; tile_max: the forward's per-tile maxima (on ``cfg``'s tiles, which the backward walks
-    too with the per-entry filter; otherwise ``backward_config``'s taller ones); grad_filter: None (exact) or
-    the filter (``kernels/filtering.py``); vocab_size: rows of all shards (default: this one's);
-    target_weight: the weight of the one-hot term, 1 - label smoothing (whose uniform term the
-    caller adds).
-    Returns ``(de, dc)`` in the
-    input dtype (``de`` in fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
+    too with the per-entry filter; otherwise ``backward_config``'s taller ones); grad_filter:
+    None (exact) or the filter (``kernels/filtering.py``); vocab_size: rows of all shards
+    (default: this one's); target_weight: the weight of the one-hot term, 1 - label smoothing
+    (whose uniform term the caller adds). Returns ``(de, dc)`` in the input dtype (``de`` in
+    fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
     When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
     last rows (see :func:`workspace_split`): rows before the split get dE and dC contributions
@@ -258,7 +259,8 @@ def backward(
                 n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
-                ENTRY_TEST=entry_test, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                ENTRY_TEST=entry_test, PRECISION=precision, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
             if use_filter:
                 by_col, count_col, by_row, count_row = _kept_tile_lists(flags)

@@ -59,5 +59,6 @@ def float64_oracle(e_in, c_in, targets, ignore_index=-100, reduction="mean"):
         dl = torch.softmax(logits, dim=1)
         dl[valid, t[valid]] += 1.0  # |softmax - onehot| <= softmax + onehot
         dl = dl * valid[:, None] / (valid.sum().clamp(min=1) if reduction == "mean" else 1)
-        mags = (float((dl @ c.abs()).norm()), float((dl.T @ e.reshape(-1, c.shape[1]).abs()).norm()))
+        e_abs = e.reshape(-1, c.shape[1]).abs()
+        mags = (float((dl @ c.abs()).norm()), float((dl.T @ e_abs).norm()))
     return loss.detach(), (e.grad, c.grad), (e64.grad, c64.grad), (loss_mag, *mags)

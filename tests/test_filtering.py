@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cce_dist import linear_cross_entropy
-from cce_dist.kernels.filtering import GradFilter, budget_skips, default_budget, keep_tiles
+from cce_dist.kernels.filtering import GradFilter, budget_skips, keep_tiles
 from cce_dist.testing import make_inputs
 from distributed import run_ranks
 from helpers import rel_err

@@ -11,15 +11,19 @@ computation on the same inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import traceback
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
 from cce_dist import default_filter_eps, linear_cross_entropy
+from cce_dist.kernels import tiles
 from cce_dist.testing import make_inputs
 from bench_memory import peak_extra_mb  # beside this script
 
@@ -42,6 +46,11 @@ def methods(selected: set[str]) -> dict:
         "torch eager": eager,
         "torch.compile": torch.compile(eager),
     }
+    # Exact mode on the fused Triton tile kernels (no cuBLAS; the engine before 2026-11-29).
+    fused = (lambda e, c, t: linear_cross_entropy(e, c, t, filter_eps=None))
+    fused.context = lambda: mock.patch.object(
+        tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm=False))
+    out["cce-dist fused exact"] = fused
     if want("apple CCE"):
         try:
             from cut_cross_entropy import linear_cross_entropy as apple
@@ -73,6 +82,11 @@ def rel(x, ref):
 
 
 def measure(fn, e, c, t, ref) -> dict:
+    with getattr(fn, "context", contextlib.nullcontext)():
+        return _measure(fn, e, c, t, ref)
+
+
+def _measure(fn, e, c, t, ref) -> dict:
     def fw_bw():
         return torch.autograd.grad(fn(e, c, t), (e, c))
 

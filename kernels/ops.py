@@ -58,10 +58,11 @@ def cce_forward(
     per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`), and with ``sum_logits``
     each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor."""
     if backend == "triton":
-        from . import triton_forward
+        from . import gemm_engine, triton_forward
 
         cfg = default_config(e.device, e.dtype)
-        return triton_forward.forward(e, c, targets, vocab_start, cfg, sum_logits)
+        engine = gemm_engine if cfg.gemm else triton_forward
+        return engine.forward(e, c, targets, vocab_start, cfg, sum_logits)
     return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits)
 
 
@@ -138,11 +139,13 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     if backend == "triton":
-        from . import triton_backward
+        from . import gemm_engine, triton_backward
 
-        return triton_backward.backward(
-            e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max,
-            default_config(e.device, e.dtype),
+        cfg = default_config(e.device, e.dtype)
+        # cuBLAS products unless the per-entry filter can skip tiles (kernels/tiles.py).
+        gemm = cfg.gemm and (grad_filter is None or grad_filter.kind == "budget")
+        return (gemm_engine if gemm else triton_backward).backward(
+            e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, cfg,
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
             target_weight=target_weight,
         )

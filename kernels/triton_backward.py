@@ -168,16 +168,19 @@ def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def workspace_split(
-    n: int, d: int, v: int, chunk: int, block_v: int, itemsize: int, max_fraction: float = 1.0
+    n: int, d: int, v: int, chunk: int, block_v: int, itemsize: int, max_fraction: float = 1.0,
+    chunk_itemsize: Optional[int] = None,
 ) -> int:
     """First row of dC whose storage is lent to the workspace, or ``v`` if none is.
 
-    The workspace is the fp32 dE accumulator (n x d) and one chunk of dl (n x chunk). Placed in
-    the tail rows of dC, which are written last, it costs no memory beyond the gradients
-    themselves. The split is a multiple of ``block_v`` (tile maxima are indexed by block) and
-    leaves room for at least one chunk before it; at most ``max_fraction`` of the rows are lent.
+    The workspace is the fp32 dE accumulator (n x d) and one chunk's buffers (n x chunk values
+    of ``chunk_itemsize`` bytes, default ``itemsize``: dl). Placed in the tail rows of dC
+    (``itemsize`` bytes per value), which are written last, it costs no memory beyond the
+    gradients themselves. The split is a multiple of ``block_v`` (tile maxima are indexed by
+    block) and leaves room for at least one chunk before it; at most ``max_fraction`` of the
+    rows are lent.
     """
-    need = n * d * 4 + n * chunk * itemsize
+    need = n * d * 4 + n * chunk * (chunk_itemsize or itemsize)
     split = (v - triton.cdiv(need, d * itemsize)) // block_v * block_v
     if split < chunk or v - split > max_fraction * v:
         return v

@@ -1,0 +1,276 @@
+"""CCE forward and backward with cuBLAS products and Triton element-wise kernels.
+
+On Hopper, cuBLAS runs the three products of CCE (logits ``E @ C.T``, ``dl @ C``, ``dl.T @ E``)
+at 630-680 TFLOP/s, where Triton tiles that fuse the softmax into the product reach about 430.
+So this engine walks the vocabulary in chunks and, for each chunk, lets cuBLAS write the fp32
+logits of the chunk into a small buffer, then runs one memory-bound Triton kernel over it:
+
+* forward: ``_chunk_stats_kernel`` folds the chunk into each token's running LSE, target logit
+  (and sum of logits), and records the chunk's tile maxima (the filter's bounds);
+* backward: ``_chunk_dlogits_kernel`` turns the chunk into ``dl = (softmax - w * onehot) * scale``
+  in the input dtype, zeroing the tiles the budget filter skips; then cuBLAS adds ``dl @ C[chunk]``
+  into an fp32 dE accumulator and writes ``dC[chunk] = dl.T @ E``.
+
+The N x V logits never exist: the forward holds ``n x fw_chunk`` fp32 logits at a time, the
+backward ``n x chunk`` fp32 logits and dl, which live (with the fp32 dE accumulator) in the
+storage of dC's last rows whenever V is large enough (see ``triton_backward.workspace_split``),
+so the backward's peak is the gradients themselves. The products skip no work: the per-entry
+filter, whose point is to skip tiles, runs on the fused tile kernels of ``triton_forward`` /
+``triton_backward`` instead. No host synchronization and no atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .filtering import GradFilter, keep_tiles
+from .tiles import BlockConfig, cast_out, dot_precision, local_targets
+from .triton_backward import workspace_split
+
+
+@triton.jit
+def _chunk_stats_kernel(
+    logits_ptr, t_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
+    N, V, vc, v0, vocab_start, num_v_tiles, first,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SUM_LOGITS: tl.constexpr,
+):
+    """Grid: (token tiles,). One program folds one token tile's row of the chunk (fp32 logits,
+    (N, vc) row-major) into those tokens' LSE, target logit and sum of logits, and stores the
+    chunk's tile maxima of that token tile."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * vc
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, tl.cdiv(vc, BLOCK_V)):
+        offs_c = j * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
+        logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
+        row_max = tl.max(logits, axis=1)
+        tl.store(tile_max_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + j,
+                 tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
+        m_new = tl.maximum(m, row_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+        m = m_new
+        hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
+        tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
+        if SUM_LOGITS:
+            zsum += tl.sum(tl.where(mask, logits, 0.0), axis=1)
+    lse = m + tl.log(tl.where(mask_n, s, 1.0))
+    if first:
+        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+        tl.store(tgt_ptr + offs_n, tgt, mask=mask_n)
+        if SUM_LOGITS:
+            tl.store(zsum_ptr + offs_n, zsum, mask=mask_n)
+    else:
+        old = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        top = tl.maximum(old, lse)
+        lse = top + tl.log(tl.exp(old - top) + tl.exp(lse - top))
+        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+        tl.store(tgt_ptr + offs_n, tgt + tl.load(tgt_ptr + offs_n, mask=mask_n, other=0.0),
+                 mask=mask_n)
+        if SUM_LOGITS:
+            tl.store(zsum_ptr + offs_n, zsum + tl.load(zsum_ptr + offs_n, mask=mask_n, other=0.0),
+                     mask=mask_n)
+
+
+@triton.jit
+def _chunk_dlogits_kernel(
+    logits_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, keep_ptr,
+    N, V, vc, v0, vocab_start, num_v_tiles, target_weight,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
+    chunk's fp32 logits ((N, vc) row-major) into that tile of dl ((N, vc), dl's dtype)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_c < vc)[None, :]
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    at = offs_n.to(tl.int64)[:, None] * vc + offs_c[None, :]
+    logits = tl.load(logits_ptr + at, mask=mask, other=float("-inf"))
+    hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
+    g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
+    if FILTER:  # a tile the budget filter skips contributes nothing, unless it holds a target
+        keep = tl.load(keep_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + pid_v) != 0
+        keep = keep | (tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0)
+        g = tl.where(keep, g, 0.0)
+    g = tl.where(mask, g * scale[:, None], 0.0)
+    tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out (fp32) = a @ b`` (``+= a @ b`` with ``accumulate``): products in the inputs' dtype,
+    fp32 accumulation and result, one cuBLAS call."""
+    if a.dtype == torch.float32:  # TF32 or not, as torch.backends.cuda.matmul says
+        torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:  # CPU (the interpreter's tests): fp32 products of 16-bit values are exact
+        product = a.float() @ b.float()
+        out.add_(product) if accumulate else out.copy_(product)
+
+
+def _mm_cast(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` in ``out``'s dtype (the inputs'), accumulated in fp32."""
+    if a.is_cuda or a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a.float() @ b.float())
+
+
+def _chunk_rows(n: int, limit_bytes: int, chunk: int, block_v: int, v: int,
+                itemsize: int = 4) -> int:
+    """Vocabulary rows per chunk: ``chunk``, fewer if n x chunk values of ``itemsize`` bytes
+    exceed the limit, a multiple of ``block_v``, and no more than V needs."""
+    rows = min(chunk, max(block_v, limit_bytes // max(1, itemsize * n)))
+    return max(block_v, min(rows, triton.cdiv(v, block_v) * block_v) // block_v * block_v)
+
+
+def forward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    cfg: BlockConfig,
+    sum_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as ``triton_forward.forward``: e (N, D), c (V, D), targets (N,) global ids
+    -> ``(lse, target_logit, tile_max, logit_sum)``, fp32, tile maxima on ``cfg.block_n`` x
+    ``cfg.block_v`` tiles."""
+    n, v = e.shape[0], c.shape[0]
+    bn, bv = cfg.block_n, cfg.block_v
+    targets = targets.contiguous()
+    tile_max = torch.empty((triton.cdiv(n, bn), triton.cdiv(v, bv)), dtype=torch.float32,
+                           device=e.device)
+    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
+    tgt = torch.zeros((n,), dtype=torch.float32, device=e.device)
+    zsum = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
+    if n == 0 or v == 0:
+        return lse, tgt, tile_max, zsum
+    chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
+    buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
+    for v0 in range(0, v, chunk):
+        vc = min(chunk, v - v0)
+        logits = buf[: n * vc].view(n, vc)
+        _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
+        _chunk_stats_kernel[(triton.cdiv(n, bn),)](
+            logits, targets, lse, tgt, zsum, tile_max,
+            n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
+            BLOCK_N=bn, BLOCK_V=bv, SUM_LOGITS=sum_logits,
+            num_warps=cfg.gemm_num_warps,
+        )
+    return lse, tgt, tile_max, zsum
+
+
+def backward(
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    vocab_start: int,
+    grad_filter: Optional[GradFilter],
+    tile_max: torch.Tensor,
+    cfg: BlockConfig,
+    vocab_size: Optional[int] = None,
+    target_weight: float = 1.0,
+    de_fp32: bool = False,
+    on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
+    skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing)."""
+    if grad_filter is not None and grad_filter.kind != "budget":
+        raise ValueError("the gemm engine takes no filter or the budget filter")
+    n, d = e.shape
+    v = c.shape[0]
+    targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
+    de_dtype = torch.float32 if de_fp32 else e.dtype
+    if n == 0 or v == 0:
+        de = torch.zeros(e.shape, dtype=de_dtype, device=e.device)
+        if on_de_ready is not None:
+            on_de_ready(de)
+        return de, torch.zeros(c.shape, dtype=c.dtype, device=c.device)
+    bn, bv = cfg.block_n, cfg.block_v
+    dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
+    keep = lse  # unused by the kernel without a filter
+    if grad_filter is not None:
+        keep = keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v, grad_filter)
+    precision = dot_precision(e.dtype)
+    size = dc.element_size()
+    state = {"de_started": False}
+
+    def run_chunks(lo, hi, chunk, logits_buf, dl_buf, de_acc, want_dc, want_de, de_done=None):
+        for v0 in range(lo, hi, chunk):
+            vc = min(chunk, hi - v0)
+            logits = logits_buf[: n * vc].view(n, vc)
+            dl = dl_buf[: n * vc].view(n, vc)
+            rows = c[v0:v0 + vc]
+            _mm_fp32(e, rows.t(), logits, accumulate=False)
+            _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
+                logits, dl, targets, lse, grad_scale, keep,
+                n, v, vc, v0, vocab_start, triton.cdiv(v, bv), float(target_weight),
+                BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None, PRECISION=precision,
+                num_warps=cfg.gemm_num_warps,
+            )
+            if want_de:
+                _mm_fp32(dl, rows, de_acc, accumulate=state["de_started"])
+                state["de_started"] = True
+                if de_done is not None and v0 + vc >= hi:
+                    de_done()  # before the last dC: the caller may start reducing dE
+            if want_dc:
+                _mm_cast(dl.t(), e, dc[v0:v0 + vc])
+
+    def buffers(raw: Optional[torch.Tensor], chunk: int):
+        """The chunk's fp32 logits and dl, in ``raw`` (bytes) or in their own allocation."""
+        if raw is None:
+            return (torch.empty((n * chunk,), dtype=torch.float32, device=e.device),
+                    torch.empty((n * chunk,), dtype=e.dtype, device=e.device))
+        return (raw[: n * chunk * 4].view(torch.float32),
+                raw[n * chunk * 4: n * chunk * (4 + size)].view(e.dtype))
+
+    chunk = _chunk_rows(n, 1 << 62, cfg.gemm_chunk_v, bv, v)
+    split = workspace_split(n, d, v, chunk, bv, size, cfg.max_lent_fraction,
+                            chunk_itemsize=4 + size)
+    if split == v:  # no rows lent: the workspace has buffers of its own
+        de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
+        out = {}
+
+        def finish_de():
+            out["de"] = de_acc if de_fp32 else de_acc.to(e.dtype)
+            if on_de_ready is not None:
+                on_de_ready(out["de"])
+
+        run_chunks(0, v, chunk, *buffers(None, chunk), de_acc, want_dc=True, want_de=True,
+                   de_done=finish_de)
+        return out["de"], dc
+    raw = dc[split:].view(-1).view(torch.uint8)
+    de_acc = raw[: n * d * 4].view(torch.float32).view(n, d)
+    logits_buf, dl_buf = buffers(raw[n * d * 4:], chunk)
+    run_chunks(0, split, chunk, logits_buf, dl_buf, de_acc, want_dc=True, want_de=True)
+    run_chunks(split, v, chunk, logits_buf, dl_buf, de_acc, want_dc=False, want_de=True)
+    # A copy even for fp32: the accumulator's storage is dC's, about to be written.
+    de = de_acc.to(de_dtype, copy=True)
+    if on_de_ready is not None:
+        on_de_ready(de)
+    tail = _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - split, 4 + size)
+    run_chunks(split, v, tail, *buffers(None, tail), None, want_dc=True, want_de=False)
+    return de, dc

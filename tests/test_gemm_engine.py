@@ -1,0 +1,155 @@
+"""The gemm engine (cuBLAS products, Triton element-wise kernels): the same contract as the fused
+tile kernels, on its own chunking, workspace and filter paths. On the CPU its products run in
+torch (fp32) and its Triton kernels in the interpreter."""
+
+from dataclasses import replace
+from unittest import mock
+
+import pytest
+import torch
+
+from cce_dist.kernels import gemm_engine, triton_backward, triton_forward
+from cce_dist.kernels.filtering import GradFilter, keep_tiles
+from cce_dist.kernels.tiles import default_config
+from cce_dist.testing import make_inputs
+from helpers import float64_reference, rel_err
+
+CFG = default_config(torch.device("cpu"))
+
+
+def test_the_default_engine_is_the_gemm_engine():
+    assert CFG.gemm and default_config(torch.device("cpu"), torch.float32).gemm
+
+
+@pytest.mark.parametrize("fw_chunk", [16, 32, 96])
+@pytest.mark.parametrize("sum_logits", [False, True])
+def test_forward_matches_float64_and_records_tile_maxima(fw_chunk, sum_logits):
+    """LSE, target logit, sum of logits and every (block_n x block_v) tile's largest logit,
+    edge tiles and a chunk that ends inside a tile column included; targets outside the shard
+    add nothing."""
+    cfg = replace(CFG, gemm_fw_chunk_v=fw_chunk)
+    n, d, v, start = 37, 24, 90, 40
+    e, c, t = make_inputs("lm", n, d, v + start, dtype=torch.float32, seed=7)
+    c = c[start:]
+    lse, tgt, tile_max, zsum = gemm_engine.forward(e, c, t, start, cfg, sum_logits)
+    z = e.double() @ c.double().T
+    local = t - start
+    inside = (local >= 0) & (local < v)
+    want_tgt = torch.where(inside, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
+    assert rel_err(lse, torch.logsumexp(z, 1)) < 1e-6 and rel_err(tgt, want_tgt) < 1e-6
+    assert torch.all(tgt[~inside] == 0)
+    bn, bv = cfg.block_n, cfg.block_v
+    want = torch.stack([torch.stack([z[i:i + bn, j:j + bv].max() for j in range(0, v, bv)])
+                        for i in range(0, n, bn)])
+    assert torch.allclose(tile_max.double(), want, rtol=1e-5, atol=1e-5)
+    if sum_logits:
+        assert rel_err(zsum, z.sum(1)) < 1e-6
+    else:
+        assert zsum.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engines_agree(dtype):
+    """Forward statistics and exact gradients of both engines agree on the same inputs."""
+    n, d, v = 45, 32, 300
+    e, c, t = make_inputs("zipf", n, d, v, dtype=dtype, seed=11)
+    t[::5] = -100
+    fused = replace(CFG, gemm=False)
+    a = gemm_engine.forward(e, c, t, 0, CFG, True)
+    b = triton_forward.forward(e, c, t, 0, fused, True)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and rel_err(x, y.double()) < 1e-5
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(0)) * (t >= 0)
+    ga = gemm_engine.backward(e, c, t, a[0], scale, 0, None, a[2], CFG, target_weight=0.9)
+    gb = triton_backward.backward(e, c, t, a[0], scale, 0, None, a[2], fused, target_weight=0.9)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for x, y in zip(ga, gb):
+        assert x.dtype == y.dtype and rel_err(x, y.double()) < tol
+
+
+def test_budget_filter_drops_exactly_the_rejected_tiles():
+    """The gemm backward zeroes exactly the (block_n x block_v) tiles that keep_tiles() rejects
+    and that hold no target: grads equal float64 grads with those tiles zeroed."""
+    e, c, t = make_inputs("zipf", 80, 64, 700, dtype=torch.float32, seed=3)
+    e = e * 4
+    n, v = e.shape[0], c.shape[0]
+    budget = 0.05
+    bn, bv = CFG.block_n, CFG.block_v
+    _, _, tile_max, _ = gemm_engine.forward(e, c, t, 0, CFG)
+    lse = torch.logsumexp(e.double() @ c.double().T, dim=1).float()
+    keep = keep_tiles(tile_max, lse, bn, bv, v, v, GradFilter("budget", budget)).bool()
+    keep[torch.arange(n) // bn, t // bv] = True
+    assert 0 < keep.float().mean() < 1, "the data must exercise both kinds of tile"
+    mask = keep.repeat_interleave(bn, 0).repeat_interleave(bv, 1)[:n, :v]
+    with torch.no_grad():
+        g = torch.softmax(e.double() @ c.double().T, dim=1)
+        g[torch.arange(n), t] -= 1.0
+        g = torch.where(mask, g, 0.0)
+    de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, GradFilter("budget", budget),
+                                  tile_max, CFG)
+    assert rel_err(de, g @ c.double()) < 1e-5 and rel_err(dc, g.T @ e.double()) < 1e-5
+
+
+def test_refuses_the_per_entry_filter():
+    e, c, t = make_inputs("lm", 8, 16, 40, dtype=torch.float32, seed=1)
+    lse, _, tile_max, _ = gemm_engine.forward(e, c, t, 0, CFG)
+    with pytest.raises(ValueError, match="budget"):
+        gemm_engine.backward(e, c, t, lse, torch.ones(8), 0, GradFilter("entry", 1e-3), tile_max,
+                             CFG)
+
+
+@pytest.mark.parametrize("v,lend,tail_bytes", [(70, 1.0, 1 << 20), (400, 1.0, 1 << 20),
+                                               (400, 1.0, 1), (400, 0.0, 1 << 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_workspace_and_de_ready_before_the_last_dc(v, lend, tail_bytes, dtype, monkeypatch):
+    """With and without dC's tail rows lent to the workspace (and tail chunks of one tile),
+    the gradients are exact, and on_de_ready sees the final dE while dC products remain."""
+    cfg = replace(CFG, max_lent_fraction=lend, gemm_tail_bytes=tail_bytes)
+    n, d = 24, 16
+    size = dtype.itemsize
+    lent = triton_backward.workspace_split(n, d, v, cfg.gemm_chunk_v, cfg.block_v, size, lend,
+                                           chunk_itemsize=4 + size) < v
+    assert lent == (v == 400 and lend == 1.0)
+    e, c, t = make_inputs("spread", n, d, v, dtype=dtype, seed=6)
+    lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
+    dc_products = []
+    real = gemm_engine._mm_cast
+
+    def counting(a, b, out):
+        dc_products.append(out.shape[0])
+        return real(a, b, out)
+
+    monkeypatch.setattr(gemm_engine, "_mm_cast", counting)
+    seen = []
+    de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, cfg, de_fp32=True,
+                                  on_de_ready=lambda x: seen.append((x.clone(),
+                                                                     len(dc_products))))
+    assert len(seen) == 1 and torch.equal(seen[0][0], de) and de.dtype == torch.float32
+    assert seen[0][1] < len(dc_products)
+    assert sum(dc_products) == v  # every row of dC written once
+    if tail_bytes == 1 and lent:
+        assert min(dc_products) == cfg.block_v
+    _, ref_de, ref_dc = float64_reference(e, c, t, reduction="sum")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(de, ref_de) < tol and rel_err(dc, ref_dc) < tol
+
+
+def test_forward_chunk_shrinks_to_its_memory_limit():
+    """The forward's fp32 logits buffer stays within gemm_fw_bytes (one tile column at least)."""
+    assert gemm_engine._chunk_rows(1000, 64 * 1000 * 4, 2048, 16, 10_000) == 64
+    assert gemm_engine._chunk_rows(1000, 1, 2048, 16, 10_000) == 16
+    assert gemm_engine._chunk_rows(10, 1 << 30, 2048, 16, 40) == 48
+    cfg = replace(CFG, gemm_fw_bytes=20 * 16 * 4)
+    e, c, t = make_inputs("lm", 20, 16, 100, dtype=torch.float32, seed=2)
+    allocated = []
+    real_empty = torch.empty
+
+    def spy(*args, **kw):
+        out = real_empty(*args, **kw)
+        allocated.append(out.numel())
+        return out
+
+    with mock.patch.object(torch, "empty", spy):
+        lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
+    assert max(allocated) == 20 * 16  # the logits buffer: 16 rows of the 100
+    assert rel_err(lse, torch.logsumexp(e.double() @ c.double().T, 1)) < 1e-6

@@ -36,12 +36,14 @@ from .triton_backward import workspace_split
 def _chunk_stats_kernel(
     logits_ptr, t_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
     N, V, vc, v0, vocab_start, num_v_tiles, first,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, SUM_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
+    SUM_LOGITS: tl.constexpr,
 ):
-    """Grid: (token tiles,). One program folds one token tile's row of the chunk (fp32 logits,
-    (N, vc) row-major) into those tokens' LSE, target logit and sum of logits, and stores the
-    chunk's tile maxima of that token tile."""
+    """Grid: (token tiles, column groups of COLS). One program folds one token tile's COLS
+    columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the running
+    statistics ((splits, N): LSE, target logit, sum of logits), and stores their tile maxima."""
     pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
@@ -50,13 +52,13 @@ def _chunk_stats_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, tl.cdiv(vc, BLOCK_V)):
-        offs_c = j * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask_v = offs_c < vc
-        mask = mask_n[:, None] & mask_v[None, :]
+    c_begin = pid_s * COLS
+    for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V)
+        mask = mask_n[:, None] & (offs_c < vc)[None, :]
         logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
         row_max = tl.max(logits, axis=1)
-        tl.store(tile_max_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + j,
+        tl.store(tile_max_ptr + pid_n * num_v_tiles + (v0 + c0) // BLOCK_V,
                  tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
         m_new = tl.maximum(m, row_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
@@ -67,20 +69,19 @@ def _chunk_stats_kernel(
         if SUM_LOGITS:
             zsum += tl.sum(tl.where(mask, logits, 0.0), axis=1)
     lse = m + tl.log(tl.where(mask_n, s, 1.0))
+    at = pid_s * N + offs_n
     if first:
-        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
-        tl.store(tgt_ptr + offs_n, tgt, mask=mask_n)
+        tl.store(lse_ptr + at, lse, mask=mask_n)
+        tl.store(tgt_ptr + at, tgt, mask=mask_n)
         if SUM_LOGITS:
-            tl.store(zsum_ptr + offs_n, zsum, mask=mask_n)
+            tl.store(zsum_ptr + at, zsum, mask=mask_n)
     else:
-        old = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
         top = tl.maximum(old, lse)
-        lse = top + tl.log(tl.exp(old - top) + tl.exp(lse - top))
-        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
-        tl.store(tgt_ptr + offs_n, tgt + tl.load(tgt_ptr + offs_n, mask=mask_n, other=0.0),
-                 mask=mask_n)
+        tl.store(lse_ptr + at, top + tl.log(tl.exp(old - top) + tl.exp(lse - top)), mask=mask_n)
+        tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0), mask=mask_n)
         if SUM_LOGITS:
-            tl.store(zsum_ptr + offs_n, zsum + tl.load(zsum_ptr + offs_n, mask=mask_n, other=0.0),
+            tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
                      mask=mask_n)
 
 
@@ -161,24 +162,31 @@ def forward(
     targets = targets.contiguous()
     tile_max = torch.empty((triton.cdiv(n, bn), triton.cdiv(v, bv)), dtype=torch.float32,
                            device=e.device)
-    lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
-    tgt = torch.zeros((n,), dtype=torch.float32, device=e.device)
-    zsum = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
-        return lse, tgt, tile_max, zsum
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
+        zsum = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
+        return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum
     chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
+    cols = max(bv, cfg.gemm_stats_cols // bv * bv)
+    # Running statistics per column group: the first chunk has the most groups.
+    splits = triton.cdiv(min(chunk, v), cols)
+    stats = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32,
+                        device=e.device)
     buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         logits = buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
-        _chunk_stats_kernel[(triton.cdiv(n, bn),)](
-            logits, targets, lse, tgt, zsum, tile_max,
+        _chunk_stats_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, cols))](
+            logits, targets, stats[0], stats[1], stats[-1], tile_max,
             n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
-            BLOCK_N=bn, BLOCK_V=bv, SUM_LOGITS=sum_logits,
+            BLOCK_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits,
             num_warps=cfg.gemm_num_warps,
         )
-    return lse, tgt, tile_max, zsum
+    zsum = stats[2].sum(0) if sum_logits else stats.new_zeros((0,))
+    if splits == 1:
+        return stats[0, 0].clone(), stats[1, 0].clone(), tile_max, zsum
+    return torch.logsumexp(stats[0], dim=0), stats[1].sum(0), tile_max, zsum
 
 
 def backward(

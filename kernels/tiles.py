@@ -32,7 +32,8 @@ class BlockConfig:
     With ``gemm`` (``kernels/gemm_engine.py``), the forward and the unfiltered or budget-filtered
     backward run their products through cuBLAS instead, ``gemm_fw_chunk_v`` vocabulary rows
     (fewer if their n x rows fp32 logits exceed ``gemm_fw_bytes``) and ``gemm_chunk_v`` rows of
-    the backward at a time (``tail_chunk_v``, within ``gemm_tail_bytes``, for lent rows); the
+    the backward at a time (the forward's statistics kernel takes ``gemm_stats_cols`` columns
+    per program; ``tail_chunk_v``, within ``gemm_tail_bytes``, for lent rows); the
     per-entry filter keeps the fused tile kernels, which skip work.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
@@ -63,6 +64,7 @@ class BlockConfig:
     gemm_fw_bytes: int = 64 << 20
     gemm_chunk_v: int = 2048
     gemm_tail_bytes: int = 16 << 20
+    gemm_stats_cols: int = 512
     gemm_num_warps: int = 8
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
-    fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=32, gemm_chunk_v=48, gemm_num_warps=1,
+    fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_cols=32, gemm_num_warps=1,
 )
 
 

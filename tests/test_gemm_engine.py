@@ -21,13 +21,13 @@ def test_the_default_engine_is_the_gemm_engine():
     assert CFG.gemm and default_config(torch.device("cpu"), torch.float32).gemm
 
 
-@pytest.mark.parametrize("fw_chunk", [16, 32, 96])
+@pytest.mark.parametrize("fw_chunk,cols", [(16, 32), (48, 32), (96, 16), (96, 64)])
 @pytest.mark.parametrize("sum_logits", [False, True])
-def test_forward_matches_float64_and_records_tile_maxima(fw_chunk, sum_logits):
+def test_forward_matches_float64_and_records_tile_maxima(fw_chunk, cols, sum_logits):
     """LSE, target logit, sum of logits and every (block_n x block_v) tile's largest logit,
-    edge tiles and a chunk that ends inside a tile column included; targets outside the shard
-    add nothing."""
-    cfg = replace(CFG, gemm_fw_chunk_v=fw_chunk)
+    edge tiles, partial column groups and a last chunk that ends inside a tile included;
+    targets outside the shard add nothing."""
+    cfg = replace(CFG, gemm_fw_chunk_v=fw_chunk, gemm_stats_cols=cols)
     n, d, v, start = 37, 24, 90, 40
     e, c, t = make_inputs("lm", n, d, v + start, dtype=torch.float32, seed=7)
     c = c[start:]

@@ -1,0 +1,57 @@
+"""Where the time of one forward + backward goes, per kernel, for each engine and filter.
+
+``python benchmarks/profile_engine.py [--shape 8192x4096x128256] [--regime lm]``: on one GPU,
+the medians (``triton.testing.do_bench``) of the forward, the backward and the budget filter's
+tile verdicts (``keep_tiles``) alone, then the CUDA time per kernel of one backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import triton.testing
+
+from cce_dist.kernels import filtering, gemm_engine, tiles, triton_backward, triton_forward
+from cce_dist.testing import make_inputs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="8192x4096x128256")
+    p.add_argument("--regime", default="lm")
+    args = p.parse_args()
+    n, d, v = map(int, args.shape.split("x"))
+    e, c, t = make_inputs(args.regime, n, d, v, device="cuda", seed=0)
+    cfg = tiles.GPU_CONFIG
+    fused = dataclasses.replace(cfg, gemm=False)
+    scale = torch.full((n,), 1.0 / n, device="cuda")
+    budget = filtering.GradFilter("budget", filtering.default_budget(e.dtype))
+    lse, _, tile_max, _ = gemm_engine.forward(e, c, t, 0, cfg)
+    bench = (lambda f: triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median"))
+    rows = {
+        "forward gemm": lambda: gemm_engine.forward(e, c, t, 0, cfg),
+        "forward fused": lambda: triton_forward.forward(e, c, t, 0, fused),
+        "keep_tiles (budget)": lambda: filtering.keep_tiles(
+            tile_max, lse, cfg.block_n, cfg.block_v, v, v, budget),
+        "backward gemm exact": lambda: gemm_engine.backward(
+            e, c, t, lse, scale, 0, None, tile_max, cfg),
+        "backward gemm budget": lambda: gemm_engine.backward(
+            e, c, t, lse, scale, 0, budget, tile_max, cfg),
+        "backward fused exact": lambda: triton_backward.backward(
+            e, c, t, lse, scale, 0, None, tile_max, fused),
+    }
+    for name, f in rows.items():
+        print(f"{args.shape} {args.regime:6s} {name:24s} {bench(f):8.2f} ms", flush=True)
+    for name in ("forward gemm", "backward gemm budget"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            rows[name]()
+            torch.cuda.synchronize()
+        print(f"--- {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                        max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()

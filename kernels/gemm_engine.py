@@ -36,12 +36,14 @@ from .triton_backward import workspace_split
 def _chunk_stats_kernel(
     logits_ptr, t_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
     N, V, vc, v0, vocab_start, num_v_tiles, first,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
     SUM_LOGITS: tl.constexpr,
 ):
-    """Grid: (token tiles, column groups of COLS). One program folds one token tile's COLS
-    columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the running
-    statistics ((splits, N): LSE, target logit, sum of logits), and stores their tile maxima."""
+    """Grid: (token blocks of BLOCK_N, column groups of COLS). One program folds one token
+    block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the
+    running statistics ((splits, N): LSE, target logit, sum of logits), and raises the maxima of
+    the (TILE_N x BLOCK_V) tiles they lie in (BLOCK_N divides TILE_N: short blocks stream
+    faster than filter tiles; the maxima start at -inf)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,8 +60,9 @@ def _chunk_stats_kernel(
         mask = mask_n[:, None] & (offs_c < vc)[None, :]
         logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
         row_max = tl.max(logits, axis=1)
-        tl.store(tile_max_ptr + pid_n * num_v_tiles + (v0 + c0) // BLOCK_V,
-                 tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
+        tl.atomic_max(tile_max_ptr + (pid_n * BLOCK_N // TILE_N) * num_v_tiles
+                      + (v0 + c0) // BLOCK_V,
+                      tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
         m_new = tl.maximum(m, row_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
@@ -109,7 +112,9 @@ def _chunk_dlogits_kernel(
     g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
     if FILTER:  # a tile the budget filter skips contributes nothing, unless it holds a target
         keep = tl.load(keep_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + pid_v) != 0
-        keep = keep | (tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0)
+        first_col = v0 + pid_v * BLOCK_V
+        inside = (local_t >= first_col) & (local_t < first_col + BLOCK_V)
+        keep = keep | (tl.max(inside.to(tl.int32), axis=0) > 0)
         g = tl.where(keep, g, 0.0)
     g = tl.where(mask, g * scale[:, None], 0.0)
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
@@ -160,14 +165,15 @@ def forward(
     n, v = e.shape[0], c.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     targets = targets.contiguous()
-    tile_max = torch.empty((triton.cdiv(n, bn), triton.cdiv(v, bv)), dtype=torch.float32,
-                           device=e.device)
+    tile_max = torch.full((triton.cdiv(n, bn), triton.cdiv(v, bv)), float("-inf"),
+                          dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         zsum = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
         return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum
     chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
     cols = max(bv, cfg.gemm_stats_cols // bv * bv)
+    stats_n = min(bn, cfg.gemm_stats_n)
     # Running statistics per column group: the first chunk has the most groups.
     splits = triton.cdiv(min(chunk, v), cols)
     stats = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32,
@@ -177,11 +183,11 @@ def forward(
         vc = min(chunk, v - v0)
         logits = buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
-        _chunk_stats_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, cols))](
+        _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
             logits, targets, stats[0], stats[1], stats[-1], tile_max,
             n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
-            BLOCK_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits,
-            num_warps=cfg.gemm_num_warps,
+            BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits,
+            num_warps=cfg.gemm_stats_warps,
         )
     zsum = stats[2].sum(0) if sum_logits else stats.new_zeros((0,))
     if splits == 1:
@@ -279,6 +285,20 @@ def backward(
     de = de_acc.to(de_dtype, copy=True)
     if on_de_ready is not None:
         on_de_ready(de)
-    tail = _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - split, 4 + size)
-    run_chunks(split, v, tail, *buffers(None, tail), None, want_dc=True, want_de=False)
+    # The lent rows' dC, now that the workspace is free: while many rows remain, the chunk's
+    # buffers sit in the last unwritten rows, and the rows before them are written in chunks;
+    # then the same with half the chunk on the rows that held them; the last few rows get
+    # buffers of their own, within gemm_tail_bytes.
+    lo, own = split, _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - split,
+                                 4 + size)
+    while chunk > own:
+        need = n * chunk * (4 + size) + 16  # + alignment
+        end = (v - triton.cdiv(need, d * size)) // bv * bv
+        if end - lo < chunk:
+            break
+        raw = dc[end:].view(-1).view(torch.uint8)
+        raw = raw[(-raw.data_ptr()) % 16:]
+        run_chunks(lo, end, chunk, *buffers(raw, chunk), None, want_dc=True, want_de=False)
+        lo, chunk = end, max(own, chunk // 2 // bv * bv)
+    run_chunks(lo, v, own, *buffers(None, own), None, want_dc=True, want_de=False)
     return de, dc

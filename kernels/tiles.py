@@ -30,11 +30,11 @@ class BlockConfig:
     make the products more efficient; the budget filter's verdicts (per ``block_n`` x ``block_v``
     tile) are pooled onto those taller tiles.
     With ``gemm`` (``kernels/gemm_engine.py``), the forward and the unfiltered or budget-filtered
-    backward run their products through cuBLAS instead, ``gemm_fw_chunk_v`` vocabulary rows
-    (fewer if their n x rows fp32 logits exceed ``gemm_fw_bytes``) and ``gemm_chunk_v`` rows of
-    the backward at a time (the forward's statistics kernel takes ``gemm_stats_cols`` columns
-    per program; ``tail_chunk_v``, within ``gemm_tail_bytes``, for lent rows); the
-    per-entry filter keeps the fused tile kernels, which skip work.
+    backward run their products through cuBLAS instead: ``gemm_fw_chunk_v`` vocabulary rows at a
+    time in the forward (fewer if their n x rows fp32 logits exceed ``gemm_fw_bytes``; its
+    statistics kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program), and
+    ``gemm_chunk_v`` rows in the backward (``tail_chunk_v`` within ``gemm_tail_bytes`` for the
+    last lent rows); the per-entry filter keeps the fused tile kernels, which skip work.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -64,10 +64,15 @@ class BlockConfig:
     gemm_fw_bytes: int = 64 << 20
     gemm_chunk_v: int = 2048
     gemm_tail_bytes: int = 16 << 20
+    gemm_stats_n: int = 32
     gemm_stats_cols: int = 512
+    gemm_stats_warps: int = 8
     gemm_num_warps: int = 8
 
     def __post_init__(self) -> None:
+        if self.block_n % min(self.block_n, self.gemm_stats_n):
+            raise ValueError(f"gemm_stats_n ({self.gemm_stats_n}) must divide block_n "
+                             f"({self.block_n})")
         if self.exact_block_n % self.block_n:
             raise ValueError(f"exact_block_n ({self.exact_block_n}) must be a multiple of "
                              f"block_n ({self.block_n})")
@@ -85,7 +90,8 @@ INTERPRETER_CONFIG = BlockConfig(
     block_n=16, block_v=16, block_d=16, out_block_d=16, chunk_v=64, lent_chunk_v=48,
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
-    fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_cols=32, gemm_num_warps=1,
+    fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
+    gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1,
 )
 
 

@@ -153,3 +153,28 @@ def test_forward_chunk_shrinks_to_its_memory_limit():
         lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
     assert max(allocated) == 20 * 16  # the logits buffer: 16 rows of the 100
     assert rel_err(lse, torch.logsumexp(e.double() @ c.double().T, 1)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lent_rows_use_buffers_in_their_own_unwritten_rows(dtype, monkeypatch):
+    """When many rows were lent, their dC is written in full chunks whose buffers sit in the
+    rows still to be written, then in smaller ones: every row once, and exact."""
+    cfg = replace(CFG, gemm_tail_bytes=1)
+    n, d, v = 64, 16, 1200
+    e, c, t = make_inputs("spread", n, d, v, dtype=dtype, seed=1)
+    size = dtype.itemsize
+    split = triton_backward.workspace_split(n, d, v, cfg.gemm_chunk_v, cfg.block_v, size,
+                                            cfg.max_lent_fraction, chunk_itemsize=4 + size)
+    assert split < v
+    lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
+    sizes = []
+    real = gemm_engine._mm_cast
+    monkeypatch.setattr(gemm_engine, "_mm_cast",
+                        lambda a, b, out: (sizes.append(out.shape[0]), real(a, b, out)))
+    de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, cfg)
+    assert sum(sizes) == v
+    full_before_split = split // cfg.gemm_chunk_v
+    assert sizes.count(cfg.gemm_chunk_v) > full_before_split  # full chunks among the lent rows
+    _, ref_de, ref_dc = float64_reference(e, c, t, reduction="sum")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(de, ref_de) < tol and rel_err(dc, ref_dc) < tol

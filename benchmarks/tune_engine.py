@@ -28,8 +28,6 @@ def main() -> None:
     lse = torch.logsumexp(logits, 1) + 2.0
     scale = torch.full((n,), 1.0 / n, device="cuda")
     dl = torch.empty((n, vc), device="cuda", dtype=torch.bfloat16)
-    keep = torch.ones((triton.cdiv(n, 64), triton.cdiv(v, 128)), device="cuda", dtype=torch.int8)
-    tile_max = torch.empty(keep.shape, device="cuda")
     bench = (lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median"))
     gb = n * vc * 4 / 1e9
     ms = bench(lambda: dl.copy_(logits))

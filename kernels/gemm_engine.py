@@ -120,6 +120,14 @@ def _chunk_dlogits_kernel(
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
+def supported(e: torch.Tensor) -> bool:
+    """Whether this torch can run the engine on ``e``'s device and dtype: 16-bit products with
+    an fp32 result need ``torch.mm(..., out_dtype=)`` on CUDA (torch >= 2.8)."""
+    if e.dtype == torch.float32 or not e.is_cuda:
+        return True
+    return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """``out (fp32) = a @ b`` (``+= a @ b`` with ``accumulate``): products in the inputs' dtype,
     fp32 accumulation and result, one cuBLAS call."""

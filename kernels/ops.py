@@ -61,7 +61,7 @@ def cce_forward(
         from . import gemm_engine, triton_forward
 
         cfg = default_config(e.device, e.dtype)
-        engine = gemm_engine if cfg.gemm else triton_forward
+        engine = gemm_engine if cfg.gemm and gemm_engine.supported(e) else triton_forward
         return engine.forward(e, c, targets, vocab_start, cfg, sum_logits)
     return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits)
 
@@ -143,7 +143,8 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
 
         cfg = default_config(e.device, e.dtype)
         # cuBLAS products unless the per-entry filter can skip tiles (kernels/tiles.py).
-        gemm = cfg.gemm and (grad_filter is None or grad_filter.kind == "budget")
+        gemm = cfg.gemm and gemm_engine.supported(e) and (
+            grad_filter is None or grad_filter.kind == "budget")
         return (gemm_engine if gemm else triton_backward).backward(
             e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, cfg,
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,

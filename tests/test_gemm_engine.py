@@ -13,6 +13,7 @@ from cce_dist.kernels.filtering import GradFilter, keep_tiles
 from cce_dist.kernels.tiles import default_config
 from cce_dist.testing import make_inputs
 from helpers import float64_reference, rel_err
+from memcheck import checked_memory
 
 CFG = default_config(torch.device("cpu"))
 
@@ -31,7 +32,8 @@ def test_forward_matches_float64_and_records_tile_maxima(fw_chunk, cols, sum_log
     n, d, v, start = 37, 24, 90, 40
     e, c, t = make_inputs("lm", n, d, v + start, dtype=torch.float32, seed=7)
     c = c[start:]
-    lse, tgt, tile_max, zsum = gemm_engine.forward(e, c, t, start, cfg, sum_logits)
+    with checked_memory():
+        lse, tgt, tile_max, zsum = gemm_engine.forward(e, c, t, start, cfg, sum_logits)
     z = e.double() @ c.double().T
     local = t - start
     inside = (local >= 0) & (local < v)
@@ -121,9 +123,10 @@ def test_workspace_and_de_ready_before_the_last_dc(v, lend, tail_bytes, dtype, m
 
     monkeypatch.setattr(gemm_engine, "_mm_cast", counting)
     seen = []
-    de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, cfg, de_fp32=True,
-                                  on_de_ready=lambda x: seen.append((x.clone(),
-                                                                     len(dc_products))))
+    with checked_memory():  # every interpreted load and store inside its launch's tensors
+        de, dc = gemm_engine.backward(
+            e, c, t, lse, torch.ones(n), 0, None, None, cfg, de_fp32=True,
+            on_de_ready=lambda x: seen.append((x.clone(), len(dc_products))))
     assert len(seen) == 1 and torch.equal(seen[0][0], de) and de.dtype == torch.float32
     assert seen[0][1] < len(dc_products)
     assert sum(dc_products) == v  # every row of dC written once
@@ -171,10 +174,29 @@ def test_lent_rows_use_buffers_in_their_own_unwritten_rows(dtype, monkeypatch):
     real = gemm_engine._mm_cast
     monkeypatch.setattr(gemm_engine, "_mm_cast",
                         lambda a, b, out: (sizes.append(out.shape[0]), real(a, b, out)))
-    de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, cfg)
+    with checked_memory():
+        de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, cfg)
     assert sum(sizes) == v
     full_before_split = split // cfg.gemm_chunk_v
     assert sizes.count(cfg.gemm_chunk_v) > full_before_split  # full chunks among the lent rows
     _, ref_de, ref_dc = float64_reference(e, c, t, reduction="sum")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(de, ref_de) < tol and rel_err(dc, ref_dc) < tol
+
+
+def test_falls_back_to_the_fused_kernels_where_torch_cannot_run_it(monkeypatch):
+    """Where gemm_engine.supported() says no (CUDA 16-bit inputs on torch < 2.8), the custom ops
+    run the fused tile kernels, with the same results."""
+    from cce_dist import linear_cross_entropy
+
+    e, c, t = make_inputs("lm", 40, 32, 200, dtype=torch.bfloat16, seed=3)
+    e.requires_grad_(), c.requires_grad_()
+    want = torch.autograd.grad(linear_cross_entropy(e, c, t, backend="triton"), (e, c))
+    calls = []
+    monkeypatch.setattr(gemm_engine, "supported", lambda x: calls.append(x.dtype) or False)
+    monkeypatch.setattr(gemm_engine, "forward", None)  # would raise if called
+    monkeypatch.setattr(gemm_engine, "backward", None)
+    got = torch.autograd.grad(linear_cross_entropy(e, c, t, backend="triton"), (e, c))
+    assert len(calls) == 2  # forward and backward asked
+    for x, y in zip(got, want):
+        assert rel_err(x, y.double()) < 1e-2

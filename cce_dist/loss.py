@@ -41,6 +41,8 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Cross-entropy of the logits ``e @ c.T`` against ``targets``, computed blockwise.
 
@@ -72,6 +74,11 @@ def linear_cross_entropy(
         return_lse: also return each token's log-sum-exp over the whole vocabulary (targets'
             shape, fp32 / fp64, not differentiable; the same on every rank), which the forward
             computes anyway: for logging the z-loss term without a second pass.
+        bias: (V,) (with ``group``: this rank's rows) added to the logits inside the kernels;
+            differentiable. Any float dtype, on c's device.
+        softcap: > 0: the logits (after the bias) become ``softcap * tanh(z / softcap)``
+            (Gemma 2); label smoothing's mean, the z-loss and the filter all see the capped
+            logits. With label smoothing too, the backward runs unfiltered.
 
     Returns:
         The loss (with ``return_lse``: ``(loss, lse)``) in fp32 (fp64 for fp64 inputs),
@@ -102,6 +109,20 @@ def linear_cross_entropy(
                 0.0 <= value < upper
             ):
                 raise ValueError(f"{name} must be a float in [0, {upper}), got {value!r}")
+        if softcap is not None and (
+            isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not 0.0 < softcap < float("inf")
+        ):
+            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+                raise TypeError(f"bias must be None or a floating-point tensor, got "
+                                f"{type(bias).__name__ if not isinstance(bias, torch.Tensor) else bias.dtype}")
+            if tuple(bias.shape) != (c.shape[0],):
+                raise ValueError(f"bias must have shape ({c.shape[0]},) (one entry per row of c), "
+                                 f"got {tuple(bias.shape)}")
+            if bias.device != c.device:
+                raise ValueError(f"bias must be on c's device {c.device}, got {bias.device}")
         if vocab_start is not None and (
             isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
         ):
@@ -125,6 +146,7 @@ def linear_cross_entropy(
             dtype=e.dtype, reduction=reduction, ignore_index=ignore_index,
             sequence_parallel=sequence_parallel, num_targets=t1.numel(), filter_eps=eps,
             label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+            softcap=float(softcap or 0.0), has_bias=bias is not None,
         )
         start, vocab_size = layout.vocab_start, layout.vocab_size
     check_target_range(targets, vocab_size, ignore_index)
@@ -136,7 +158,7 @@ def linear_cross_entropy(
     loss, lse = LinearCrossEntropyFunction.apply(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
-        float(z_loss),
+        float(z_loss), float(softcap or 0.0), None if bias is None else bias.contiguous(),
     )
     if reduction == "none":
         loss = loss.reshape(targets.shape)

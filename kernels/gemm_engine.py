@@ -28,16 +28,18 @@ import triton
 import triton.language as tl
 
 from .filtering import GradFilter, keep_tiles
-from .tiles import BlockConfig, cast_out, dot_precision, local_targets
+from .tiles import (
+    BlockConfig, cast_out, dot_precision, finish_logits, local_targets, logits_grad,
+)
 from .triton_backward import workspace_split
 
 
 @triton.jit
 def _chunk_stats_kernel(
-    logits_ptr, t_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
-    N, V, vc, v0, vocab_start, num_v_tiles, first,
+    logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
+    N, V, vc, v0, vocab_start, num_v_tiles, first, softcap,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
-    SUM_LOGITS: tl.constexpr,
+    SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid: (token blocks of BLOCK_N, column groups of COLS). One program folds one token
     block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the
@@ -57,8 +59,13 @@ def _chunk_stats_kernel(
     c_begin = pid_s * COLS
     for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
-        mask = mask_n[:, None] & (offs_c < vc)[None, :]
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
         logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
+        if HAS_BIAS or HAS_SOFTCAP:
+            logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, HAS_BIAS,
+                                   HAS_SOFTCAP)
+            logits = tl.where(mask, logits, float("-inf"))
         row_max = tl.max(logits, axis=1)
         tl.atomic_max(tile_max_ptr + (pid_n * BLOCK_N // TILE_N) * num_v_tiles
                       + (v0 + c0) // BLOCK_V,
@@ -90,10 +97,10 @@ def _chunk_stats_kernel(
 
 @triton.jit
 def _chunk_dlogits_kernel(
-    logits_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, keep_ptr,
-    N, V, vc, v0, vocab_start, num_v_tiles, target_weight,
+    logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr,
+    N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
     chunk's fp32 logits ((N, vc) row-major) into that tile of dl ((N, vc), dl's dtype)."""
@@ -102,20 +109,25 @@ def _chunk_dlogits_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
-    mask = mask_n[:, None] & (offs_c < vc)[None, :]
+    mask_v = offs_c < vc
+    mask = mask_n[:, None] & mask_v[None, :]
     local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     at = offs_n.to(tl.int64)[:, None] * vc + offs_c[None, :]
-    logits = tl.load(logits_ptr + at, mask=mask, other=float("-inf"))
+    logits = tl.load(logits_ptr + at, mask=mask, other=0.0)
+    logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
-    g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
+    # uniform_weight: label smoothing's -eps / V on every logit, here only under a softcap
+    # (otherwise it is rank one and added outside the kernels).
+    g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32) - uniform_weight
     if FILTER:  # a tile the budget filter skips contributes nothing, unless it holds a target
         keep = tl.load(keep_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + pid_v) != 0
         first_col = v0 + pid_v * BLOCK_V
         inside = (local_t >= first_col) & (local_t < first_col + BLOCK_V)
         keep = keep | (tl.max(inside.to(tl.int32), axis=0) > 0)
         g = tl.where(keep, g, 0.0)
+    g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
     g = tl.where(mask, g * scale[:, None], 0.0)
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
@@ -166,10 +178,13 @@ def forward(
     vocab_start: int,
     cfg: BlockConfig,
     sum_logits: bool = False,
+    softcap: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_forward.forward``: e (N, D), c (V, D), targets (N,) global ids
     -> ``(lse, target_logit, tile_max, logit_sum)``, fp32, tile maxima on ``cfg.block_n`` x
-    ``cfg.block_v`` tiles."""
+    ``cfg.block_v`` tiles; all of the finished logits (plus ``bias`` (V,), then capped by
+    ``softcap`` when it is > 0)."""
     n, v = e.shape[0], c.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     targets = targets.contiguous()
@@ -192,9 +207,10 @@ def forward(
         logits = buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
         _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-            logits, targets, stats[0], stats[1], stats[-1], tile_max,
-            n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
-            BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits,
+            logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
+            tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
+            float(softcap), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
+            SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             num_warps=cfg.gemm_stats_warps,
         )
     zsum = stats[2].sum(0) if sum_logits else stats.new_zeros((0,))
@@ -217,9 +233,14 @@ def backward(
     target_weight: float = 1.0,
     de_fp32: bool = False,
     on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+    dbias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
-    skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing)."""
+    skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
+    (V,), ``dbias`` (V,) fp32 receives its gradient."""
     if grad_filter is not None and grad_filter.kind != "budget":
         raise ValueError("the gemm engine takes no filter or the budget filter")
     n, d = e.shape
@@ -248,11 +269,15 @@ def backward(
             rows = c[v0:v0 + vc]
             _mm_fp32(e, rows.t(), logits, accumulate=False)
             _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
-                logits, dl, targets, lse, grad_scale, keep,
+                logits, dl, targets, lse if bias is None else bias, lse, grad_scale, keep,
                 n, v, vc, v0, vocab_start, triton.cdiv(v, bv), float(target_weight),
-                BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None, PRECISION=precision,
+                float(uniform_weight), float(softcap),
+                BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, PRECISION=precision,
                 num_warps=cfg.gemm_num_warps,
             )
+            if want_dc and dbias is not None:
+                torch.sum(dl, dim=0, dtype=torch.float32, out=dbias[v0:v0 + vc])
             if want_de:
                 _mm_fp32(dl, rows, de_acc, accumulate=state["de_started"])
                 state["de_started"] = True

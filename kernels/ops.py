@@ -52,22 +52,24 @@ def tile_grid(
 @torch.library.custom_op("cce_dist::forward", mutates_args=())
 def cce_forward(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str,
-    sum_logits: bool = False,
+    sum_logits: bool = False, softcap: float = 0.0, bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), the
     per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`), and with ``sum_logits``
-    each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor."""
+    each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor.
+    The logits are ``e @ c.T + bias`` ((V,) or None), capped by ``softcap`` when it is > 0."""
     if backend == "triton":
         from . import gemm_engine, triton_forward
 
         cfg = default_config(e.device, e.dtype)
         engine = gemm_engine if cfg.gemm and gemm_engine.supported(e) else triton_forward
-        return engine.forward(e, c, targets, vocab_start, cfg, sum_logits)
-    return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits)
+        return engine.forward(e, c, targets, vocab_start, cfg, sum_logits, softcap, bias)
+    return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits,
+                             softcap=softcap, bias=bias)
 
 
 @cce_forward.register_fake
-def _(e, c, targets, vocab_start, backend, sum_logits=False):
+def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=None):
     n, v = e.shape[0], c.shape[0]
     stat_dtype = loss_dtype(e.dtype)
     return (
@@ -92,22 +94,30 @@ def cce_backward(
     de_fp32: bool = False,
     vocab_size: int = -1,
     target_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial dE (N, D) and dC (V, D) from the global LSE, in the input dtype (dE in fp32, or
-    fp64 for fp64 inputs, with ``de_fp32``: for a cross-rank sum without a bf16 rounding).
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
+    LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a
+    cross-rank sum without a bf16 rounding).
 
     ``filter_eps``: the gradient filter as one float (``GradFilter.encode``: the per-entry
     threshold, or minus the budget), None for exact; ``vocab_size``: rows of all shards (-1:
-    this shard's); ``target_weight``: weight of the one-hot term (1 - label smoothing)."""
+    this shard's); ``target_weight``: weight of the one-hot term (1 - label smoothing);
+    ``uniform_weight``: subtracted from every softmax entry (label smoothing's eps / V, when a
+    softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     de_fp32, None, vocab_size, target_weight)
+                     de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-      de_fp32=False, vocab_size=-1, target_weight=1.0):
+      de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
+      bias=None):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
-    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c)
+    dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
 
 
 def cce_backward_notify(
@@ -123,7 +133,10 @@ def cce_backward_notify(
     on_de_ready: Callable[[torch.Tensor], None],
     vocab_size: int = -1,
     target_weight: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
 
@@ -131,13 +144,26 @@ def cce_backward_notify(
     the cross-rank dE reduction while dC is still being computed.
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     True, on_de_ready, vocab_size, target_weight)
+                     True, on_de_ready, vocab_size, target_weight, softcap, uniform_weight, bias)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-              de_fp32, on_de_ready, vocab_size, target_weight):
+              de_fp32, on_de_ready, vocab_size, target_weight, softcap=0.0, uniform_weight=0.0,
+              bias=None):
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
+    dbias = None
+    if bias is not None:
+        dbias = torch.zeros(bias.shape, dtype=loss_dtype(e.dtype), device=bias.device)
+    options = dict(softcap=softcap, uniform_weight=uniform_weight, bias=bias, dbias=dbias)
+    de, dc = _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter,
+                              backend, de_fp32, on_de_ready, vocab_size, target_weight, options)
+    dbias = c.new_empty((0,)) if bias is None else dbias.to(bias.dtype)
+    return de, dc, dbias
+
+
+def _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter, backend,
+                     de_fp32, on_de_ready, vocab_size, target_weight, options):
     if backend == "triton":
         from . import gemm_engine, triton_backward
 
@@ -148,11 +174,11 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
         return (gemm_engine if gemm else triton_backward).backward(
             e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, cfg,
             de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
-            target_weight=target_weight,
+            target_weight=target_weight, **options,
         )
     de, dc = reference.backward(
         e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, de_fp32=de_fp32,
-        vocab_size=vocab_size, target_weight=target_weight,
+        vocab_size=vocab_size, target_weight=target_weight, **options,
     )
     if on_de_ready is not None:
         on_de_ready(de)

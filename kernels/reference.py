@@ -31,6 +31,8 @@ def forward(
     vocab_start: int = 0,
     chunk_size: int = DEFAULT_CHUNK,
     sum_logits: bool = False,
+    softcap: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LSE, target logit, tile maxima (and sum of logits) of each token over the rows of ``c``.
 
@@ -40,6 +42,8 @@ def forward(
     and the largest logit of every (TILE_N x TILE_V) tile, (cdiv(N, TILE_N), cdiv(V, TILE_V))
     float32, which the budget filter of :func:`backward` bounds the tiles' mass with; with
     ``sum_logits``, each token's sum of logits over these rows (N,) (else an empty tensor).
+    The logits are ``e @ c.T`` plus ``bias`` (V,), then ``softcap * tanh(z / softcap)`` when
+    ``softcap`` > 0.
     """
     cdt = _compute_dtype(e.dtype)
     n, v = e.shape[0], c.shape[0]
@@ -52,7 +56,7 @@ def forward(
     chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
-        logits = ef @ c[v0:v1].to(cdt).T
+        logits = _finish(ef @ c[v0:v1].to(cdt).T, bias, v0, v1, softcap)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
@@ -61,6 +65,13 @@ def forward(
         if sum_logits:
             zsum = zsum + logits.sum(dim=1)
     return lse, tgt, torch.cat(maxima, dim=1), zsum
+
+
+def _finish(raw: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
+            softcap: float) -> torch.Tensor:
+    """Products of rows v0..v1 -> the logits the loss sees (plus bias, then softcap)."""
+    z = raw if bias is None else raw + bias[v0:v1].to(raw.dtype)
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
 
 
 def _tile_maxima(logits: torch.Tensor) -> torch.Tensor:
@@ -87,6 +98,10 @@ def backward(
     de_fp32: bool = False,
     vocab_size: Optional[int] = None,
     target_weight: float = 1.0,
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+    dbias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * (lse[n] - w * logit[n, t_n])`` in ``e`` and ``c``,
     ``w = target_weight`` (1 - label smoothing; the smoothing's uniform term is not here).
@@ -95,7 +110,10 @@ def backward(
     ``exp(logits - lse)``. With the per-entry filter, entries with ``|softmax - onehot| < eps``
     are dropped (element-wise; the Triton kernels drop whole tiles); with the budget filter,
     the (TILE_N x TILE_V) tiles that ``filtering.budget_skips`` picks from ``tile_max`` (the
-    forward's), except those holding a target. ``vocab_size``: rows of all shards. Returns
+    forward's), except those holding a target. ``vocab_size``: rows of all shards.
+    ``uniform_weight`` is subtracted from every entry (label smoothing's eps / V, under a
+    softcap); softcap and bias as in :func:`forward`, with ``dbias`` (V,) receiving the bias's
+    gradient (in its dtype). Returns
     ``(de, dc)`` in the dtypes of ``e`` and ``c`` (``de`` in the compute dtype with
     ``de_fp32``); ``de`` is this shard's partial contribution.
     """
@@ -118,7 +136,8 @@ def backward(
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
         cc = c[v0:v1].to(cdt)
-        g = torch.exp(ef @ cc.T - lse[:, None])
+        z = _finish(ef @ cc.T, bias, v0, v1, softcap)
+        g = torch.exp(z - lse[:, None]) - uniform_weight
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
         g.scatter_add_(1, col[:, None], -target_weight * inside.to(cdt)[:, None])
@@ -132,7 +151,11 @@ def backward(
             g = torch.where(mask[: g.shape[0], : g.shape[1]], g, 0.0)
         elif grad_filter is not None:
             g = torch.where(g.abs() < grad_filter.value, 0.0, g)
+        if softcap > 0:
+            g = g * (1 - (z / softcap) ** 2)
         g = g * scale[:, None]
+        if dbias is not None:
+            dbias[v0:v1] = g.sum(dim=0).to(dbias.dtype)
         de += g @ cc
         dc[v0:v1] = (g.T @ ef).to(c.dtype)
     return (de if de_fp32 else de.to(e.dtype)), dc

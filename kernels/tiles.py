@@ -156,6 +156,35 @@ def cast_out(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def tanh(x):
+    """tanh through exp (the interpreter has no libdevice); exactly +-1 at +-inf."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def finish_logits(raw, bias_ptr, offs_v, mask_v, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """fp32 products (rows x columns ``offs_v``) -> the logits the loss sees: plus this
+    shard's ``bias[offs_v]``, then ``softcap * tanh(z / softcap)`` (Gemma 2)."""
+    z = raw
+    if HAS_BIAS:
+        z = z + tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def logits_grad(g, z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The gradient ``g`` of the finished logits ``z`` -> that of the products (and of the
+    bias): times ``1 - tanh^2 = 1 - (z / softcap)^2`` under a softcap."""
+    if HAS_SOFTCAP:
+        t = z / softcap
+        g = g * (1.0 - t * t)
+    return g
+
+
+@triton.jit
 def local_targets(t_ptr, offs_n, mask_n, vocab_start, V):
     """Targets as int32 row indices of this slice; -1 where outside it (or masked).
 

@@ -28,17 +28,20 @@ import triton.language as tl
 
 from .filtering import GradFilter, keep_tiles
 from .tiles import (
-    BlockConfig, backward_config, cast_out, dot_precision, local_targets, logits_tile, mma,
+    BlockConfig, backward_config, cast_out, dot_precision, finish_logits, local_targets,
+    logits_grad, logits_tile, mma,
 )
 
 
 @triton.jit
 def _dlogits_kernel(
-    e_ptr, c_ptr, t_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
+    e_ptr, c_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
     N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps, target_weight,
+    uniform_weight, softcap,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FILTER: tl.constexpr, ENTRY_TEST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ZERO_SKIPPED: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary blocks of the chunk). One program owns one tile of dl
     and its keep-flag."""
@@ -66,20 +69,30 @@ def _dlogits_kernel(
                 e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv,
                 stride_cd, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
             )
+            logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS,
+                                   HAS_SOFTCAP)
             g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
-            g = tl.where(mask, g, 0.0)
+            g = tl.where(mask, g - uniform_weight, 0.0)
             if ENTRY_TEST:  # the per-entry filter also drops recomputed tiles under eps
                 flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
-            tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+            g = logits_grad(g, logits, softcap, HAS_SOFTCAP) * scale[:, None]
+            if ZERO_SKIPPED:  # the bias gradient sums dl whole: a dropped tile must read 0
+                g = g * flag.to(tl.float32)
+            tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+        elif ZERO_SKIPPED:
+            tl.store(dl_ptrs, tl.zeros((BLOCK_N, BLOCK_V), dtype=dl_ptr.dtype.element_ty),
+                     mask=mask)
         tl.store(flag_ptr + pid_n * chunk_blocks + pid_v, flag)
     else:
         logits = logits_tile(
             e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
+        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
         g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
-        g = tl.where(mask, g, 0.0)
-        tl.store(dl_ptrs, cast_out(g * scale[:, None], dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+        g = tl.where(mask, g - uniform_weight, 0.0)
+        g = logits_grad(g, logits, softcap, HAS_SOFTCAP) * scale[:, None]
+        tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
 @triton.jit
@@ -201,6 +214,10 @@ def backward(
     target_weight: float = 1.0,
     de_fp32: bool = False,
     on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
+    dbias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
@@ -209,7 +226,9 @@ def backward(
     too with the per-entry filter; otherwise ``backward_config``'s taller ones); grad_filter:
     None (exact) or the filter (``kernels/filtering.py``); vocab_size: rows of all shards
     (default: this one's); target_weight: the weight of the one-hot term, 1 - label smoothing
-    (whose uniform term the caller adds). Returns ``(de, dc)`` in the input dtype (``de`` in
+    (whose uniform term the caller adds, or passes as ``uniform_weight``, eps / V, under a
+    softcap); softcap, bias (V,): see ``triton_forward.forward``, with ``dbias`` (V,) fp32
+    receiving the bias's gradient. Returns ``(de, dc)`` in the input dtype (``de`` in
     fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
     When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
@@ -258,13 +277,17 @@ def backward(
             cb = triton.cdiv(vc, bv)
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
             _dlogits_kernel[(n_blocks, cb)](
-                e, c, targets, lse, grad_scale, keep, dl, flags,
+                e, c, targets, lse if bias is None else bias, lse, grad_scale, keep, dl, flags,
                 n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
+                float(uniform_weight), float(softcap),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
-                ENTRY_TEST=entry_test, PRECISION=precision, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
+                ENTRY_TEST=entry_test, PRECISION=precision, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap > 0, ZERO_SKIPPED=use_filter and dbias is not None,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
+            if want_dc and dbias is not None:
+                torch.sum(dl[:, :vc], dim=0, dtype=torch.float32, out=dbias[v0:v0 + vc])
             if use_filter:
                 by_col, count_col, by_row, count_row = _kept_tile_lists(flags)
             else:

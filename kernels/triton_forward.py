@@ -10,20 +10,23 @@ backward uses to skip negligible tiles without recomputing them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import BlockConfig, dot_precision, local_targets, logits_tile
+from .tiles import BlockConfig, dot_precision, finish_logits, local_targets, logits_tile
 
 
 @triton.jit
 def _forward_kernel(
-    e_ptr, c_ptr, t_ptr, lse_part_ptr, tgt_part_ptr, zsum_part_ptr, tile_max_ptr,
-    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles,
+    e_ptr, c_ptr, t_ptr, bias_ptr, lse_part_ptr, tgt_part_ptr, zsum_part_ptr, tile_max_ptr,
+    N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles, softcap,
     stride_en, stride_ed, stride_cv, stride_cd,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SUM_LOGITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary splits). One program owns one token block's partial LSE,
     target logit (and, with SUM_LOGITS, sum of logits) over its split's vocabulary blocks."""
@@ -47,6 +50,7 @@ def _forward_kernel(
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
         mask_v = offs_v < V
+        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         # One maximum per TILE_N x TILE_V tile: the backward's filtering grid.
         if BLOCK_V == TILE_V:
@@ -93,12 +97,15 @@ def forward(
     vocab_start: int,
     cfg: BlockConfig,
     sum_logits: bool = False,
+    softcap: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """e: (N, D), c: (V, D) of one float dtype; targets: (N,) integer global ids.
 
     Returns ``(lse, target_logit, tile_max, logit_sum)``: (N,) float32, (N,) float32 (0 where the
     target is not in these rows), (cdiv(N, block_n), cdiv(V, block_v)) float32, and with
-    ``sum_logits`` each token's sum of logits over these rows, (N,) float32 (else empty).
+    ``sum_logits`` each token's sum of logits over these rows, (N,) float32 (else empty). The
+    logits are ``e @ c.T`` plus ``bias`` (V,), then capped by ``softcap`` when it is > 0.
     """
     n, d = e.shape
     v = c.shape[0]
@@ -118,11 +125,12 @@ def forward(
     parts = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32, device=e.device)
     lse_part, tgt_part, zsum_part = parts[0], parts[1], parts[-1]
     _forward_kernel[(n_blocks, splits)](
-        e, c, targets, lse_part, tgt_part, zsum_part, tile_max,
-        n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
-        e.stride(0), e.stride(1), c.stride(0), c.stride(1),
+        e, c, targets, tile_max if bias is None else bias, lse_part, tgt_part, zsum_part,
+        tile_max, n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
+        float(softcap), e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
         BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype), SUM_LOGITS=sum_logits,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
     logit_sum = zsum_part.sum(dim=0) if sum_logits else zeros

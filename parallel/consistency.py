@@ -34,7 +34,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 _FIELDS = (
     ("rows of e", True), ("D", True), ("dtype", True), ("reduction", True),
     ("ignore_index", True), ("sequence_parallel", True), ("number of targets", True),
-    ("filter_eps", True), ("label_smoothing", True), ("z_loss", True), ("shard rows", False),
+    ("filter_eps", True), ("label_smoothing", True), ("z_loss", True), ("softcap", True),
+    ("bias given", True), ("shard rows", False),
     ("vocab_start", False),
     ("rejected its arguments", False),
 )
@@ -67,12 +68,14 @@ def shard_layout(
     filter_eps: Optional[float],
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float = 0.0,
+    has_bias: bool = False,
 ) -> ShardLayout:
     """Check that all ranks of ``group`` agree and return this rank's :class:`ShardLayout`."""
     signature = (
         rows, d, _DTYPES.index(dtype), _REDUCTIONS.index(reduction), ignore_index,
         int(sequence_parallel), num_targets, _eps_bits(filter_eps), _eps_bits(label_smoothing),
-        _eps_bits(z_loss), shard_rows,
+        _eps_bits(z_loss), _eps_bits(softcap), int(has_bias), shard_rows,
         -1 if vocab_start is None else vocab_start, 0,
     )
     # The cache is keyed by the fields every rank must share, so that all ranks hit or miss it

@@ -77,6 +77,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss_n = LSE_n - logit_{n, t_n} over all vocabulary rows (all shards), plus label
     smoothing's ``eps (logit_{n, t_n} - mean_j logit_{n, j})`` and ``z_loss LSE_n^2``, reduced.
 
+    The logits are ``e @ c.T + bias`` (this shard's (V_r,) bias, or None), capped to
+    ``softcap * tanh(z / softcap)`` when ``softcap`` > 0.
+
     Inputs: e (N, D) (with ``sequence_parallel``: this rank's (N / world, D) slice), c (V_r, D)
     of the same float dtype, targets (N,) integer global ids. Outputs: the loss, fp32 (fp64 for
     fp64 inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at
@@ -100,12 +103,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         sequence_parallel: bool = False,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        softcap: float = 0.0,
+        bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if group is not None and sequence_parallel:
             e = all_gather_dim0(e, group)
         smoothing = label_smoothing > 0
         lse, target_logit, tile_max, logit_sum = cce_forward(
-            e, c, targets, vocab_start, backend, smoothing)
+            e, c, targets, vocab_start, backend, smoothing, softcap, bias)
         if group is not None:
             rows = [lse, target_logit] + ([logit_sum] if smoothing else [])
             stats = all_gather_dim0(torch.stack(rows), group)
@@ -123,18 +128,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             per_token = per_token + z_loss * lse * lse
         per_token = torch.where(valid, per_token, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
-        ctx.save_for_backward(e, c, targets, lse, tile_max, valid)
+        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
-                      sequence_parallel, label_smoothing, z_loss)
+                      sequence_parallel, label_smoothing, z_loss, softcap)
         ctx.mark_non_differentiable(lse)
         return _reduce(per_token, valid, reduction), lse
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor, _grad_lse: Optional[torch.Tensor]):
-        e, c, targets, lse, tile_max, valid = ctx.saved_tensors
+        e, c, targets, lse, tile_max, valid, bias = ctx.saved_tensors
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
-         label_smoothing, z_loss) = ctx.config
+         label_smoothing, z_loss, softcap) = ctx.config
         grad_out = grad_out.to(lse.dtype)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
@@ -144,18 +149,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # i.e. the softmax of an LSE lowered by log f (exact while f > 0: LSE > -1 / 2z).
             lse = lse - torch.log((1 + 2 * z_loss * lse).clamp(min=torch.finfo(lse.dtype).tiny))
         # Label smoothing: the kernels weigh the one-hot term by 1 - eps; its uniform term
-        # -eps / V is rank one and added here (to dE before any reduction across ranks).
+        # -eps / V is rank one and added here (to dE before any reduction across ranks). Under
+        # a softcap each logit's share is scaled by its own tanh' : the kernels subtract it,
+        # unfiltered (the filter's bounds cover the softmax, not this term).
         smooth = label_smoothing / vocab_size
-        uniform = _UniformTerm(e, c, grad_scale, smooth) if label_smoothing else None
-        kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing)
-        rest = (None,) * 11
+        in_kernel = bool(label_smoothing) and softcap > 0
+        uniform = (_UniformTerm(e, c, grad_scale, smooth, bias)
+                   if label_smoothing and not in_kernel else None)
+        if in_kernel:
+            filter_eps = None
+        kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing, softcap=softcap,
+                  uniform_weight=smooth if in_kernel else 0.0, bias=bias)
         if group is None:
-            de, dc = cce_backward(
+            de, dc, dbias = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                 de_fp32=uniform is not None, **kw)
             if uniform is not None:
                 de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc)
-            return (de, dc) + rest
+                dbias = uniform.add_to_dbias(dbias)
+            return _grads(de, dc, dbias, bias)
         if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
             pending = []
 
@@ -164,33 +176,44 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     de = uniform.add_to_de(de)
                 pending.append(start_reduction(de, group, scatter=sequence_parallel))
 
-            _, dc = cce_backward_notify(
+            _, dc, dbias = cce_backward_notify(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                 on_de_ready=reduce_de, **kw)
             de, work = pending[0]
             work.wait()
         else:
-            de, dc = cce_backward(
+            de, dc, dbias = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                 de_fp32=True, **kw)
             if uniform is not None:
                 de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
         if uniform is not None:
-            dc = uniform.add_to_dc(dc)
-        return (de.to(e.dtype), dc) + rest
+            dc, dbias = uniform.add_to_dc(dc), uniform.add_to_dbias(dbias)
+        return _grads(de.to(e.dtype), dc, dbias, bias)
+
+
+def _grads(de, dc, dbias, bias):
+    """The Function's input gradients: e, c, None for the 12 options, then bias's."""
+    return (de, dc) + (None,) * 12 + (None if bias is None else dbias,)
 
 
 class _UniformTerm:
     """The gradient of label smoothing's uniform term, -eps / V on every logit of every valid
     token: rank one in both dE (scale_n * sum of this shard's rows of c) and dC (the same row,
-    sum_n scale_n e_n, for every row of c)."""
+    sum_n scale_n e_n, for every row of c), and -eps / V sum_n scale_n for every bias entry."""
 
-    def __init__(self, e, c, grad_scale, smooth):
+    def __init__(self, e, c, grad_scale, smooth, bias=None):
         cdt = grad_scale.dtype
         self.de_row = -smooth * c.to(cdt).sum(dim=0)  # (D,)
         self.scale = grad_scale
         self.dc_row = -smooth * (grad_scale @ e.to(cdt))  # (D,)
+        self.dbias = -smooth * grad_scale.sum() if bias is not None else None
+
+    def add_to_dbias(self, dbias: torch.Tensor) -> torch.Tensor:
+        if self.dbias is None:
+            return dbias
+        return (dbias.to(self.dbias.dtype) + self.dbias).to(dbias.dtype)
 
     def add_to_de(self, de: torch.Tensor) -> torch.Tensor:
         """de: (N, D) in the compute dtype, updated in place."""

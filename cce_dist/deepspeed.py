@@ -43,7 +43,7 @@ class VocabParallelCCEHead(nn.Module):
 
     ``forward(hidden (..., hidden_size), labels (...))`` returns the loss of
     ``linear_cross_entropy`` (mean over non-ignored tokens by default), the same on every rank
-    of ``group``. A bias is supported by folding it into the product (one column more).
+    of ``group``. A bias (this rank's rows) is added to the logits inside the kernels.
     """
 
     def __init__(
@@ -109,14 +109,11 @@ class VocabParallelCCEHead(nn.Module):
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self._shards_checked:
             self._check_shards_differ()
-        weight = self.weight
-        if self.bias is not None:  # [h, 1] . [w, b] = h . w + b
-            hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
-            weight = torch.cat([weight, self.bias[:, None]], dim=1)
         return linear_cross_entropy(
-            hidden, weight, labels, ignore_index=self.ignore_index, reduction=self.reduction,
-            filter_eps=self.filter_eps, vocab_start=self.vocab_start if self.group else None,
-            group=self.group,
+            hidden, self.weight, labels, ignore_index=self.ignore_index,
+            reduction=self.reduction, filter_eps=self.filter_eps,
+            vocab_start=self.vocab_start if self.group else None, group=self.group,
+            bias=self.bias,
         )
 
 

@@ -159,9 +159,10 @@ def _autotp_groups_worker(rank, world):
     assert mpu.get_data_parallel_group() is groups.get_data_parallel_group()
     assert mpu.get_tensor_model_parallel_world_size() == world
     assert mpu.get_data_parallel_world_size() == 1
-    # The head over DeepSpeed's TP group: loss and gradients of one nn.Linear + F.cross_entropy.
+    # The head over DeepSpeed's TP group: loss and gradients of one nn.Linear (with its bias,
+    # which the kernels add) + F.cross_entropy.
     torch.manual_seed(0)
-    linear = nn.Linear(D, V, bias=False)
+    linear = nn.Linear(D, V, bias=True)
     head = VocabParallelCCEHead.from_linear(linear, group=tp)
     hidden = torch.randn(BATCH * SEQ, D, requires_grad=True)
     labels = torch.randint(0, V, (BATCH * SEQ,))
@@ -174,6 +175,7 @@ def _autotp_groups_worker(rank, world):
     assert abs(loss.item() - ref.item()) < 1e-5
     assert torch.allclose(hidden.grad, ref_hidden.grad, atol=1e-6)
     assert torch.allclose(head.weight.grad, linear.weight.grad[lo:lo + rows], atol=1e-6)
+    assert torch.allclose(head.bias.grad, linear.bias.grad[lo:lo + rows], atol=1e-6)
 
 
 class MLPBlock(nn.Module):

@@ -14,7 +14,11 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
 
 from .loss import LinearCrossEntropy, linear_cross_entropy
 from .parallel import vocab_range
+from .rl import linear_logprobs_entropy
 from .validation import default_filter_eps
 
-__all__ = ["LinearCrossEntropy", "default_filter_eps", "linear_cross_entropy", "vocab_range"]
+__all__ = [
+    "LinearCrossEntropy", "default_filter_eps", "linear_cross_entropy",
+    "linear_logprobs_entropy", "vocab_range",
+]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ def _chunk_stats_kernel(
     N, V, vc, v0, vocab_start, num_v_tiles, first, softcap,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
     SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr,
 ):
     """Grid: (token blocks of BLOCK_N, column groups of COLS). One program folds one token
     block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the
@@ -72,35 +73,48 @@ def _chunk_stats_kernel(
                       tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
         m_new = tl.maximum(m, row_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), axis=1)
+        rescale = tl.exp(m - m_safe)
+        p = tl.exp(logits - m_safe[:, None])
+        s = s * rescale + tl.sum(p, axis=1)
         m = m_new
         hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
         tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
         if SUM_LOGITS:
             zsum += tl.sum(tl.where(mask, logits, 0.0), axis=1)
-    lse = m + tl.log(tl.where(mask_n, s, 1.0))
+        if MEAN_LOGIT:  # sum_j exp(z_j - m) z_j, rescaled with s
+            zsum = zsum * rescale + tl.sum(p * tl.where(mask, logits, 0.0), axis=1)
+    s = tl.where(mask_n, s, 1.0)
+    lse = m + tl.log(s)
+    if MEAN_LOGIT:
+        zsum = zsum / s  # the softmax-weighted mean logit over these columns
     at = pid_s * N + offs_n
     if first:
         tl.store(lse_ptr + at, lse, mask=mask_n)
         tl.store(tgt_ptr + at, tgt, mask=mask_n)
-        if SUM_LOGITS:
+        if SUM_LOGITS or MEAN_LOGIT:
             tl.store(zsum_ptr + at, zsum, mask=mask_n)
     else:
         old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
         top = tl.maximum(old, lse)
-        tl.store(lse_ptr + at, top + tl.log(tl.exp(old - top) + tl.exp(lse - top)), mask=mask_n)
+        w_old, w_new = tl.exp(old - top), tl.exp(lse - top)
+        tl.store(lse_ptr + at, top + tl.log(w_old + w_new), mask=mask_n)
         tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0), mask=mask_n)
         if SUM_LOGITS:
             tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
+                     mask=mask_n)
+        if MEAN_LOGIT:
+            prev = tl.load(zsum_ptr + at, mask=mask_n, other=0.0)
+            tl.store(zsum_ptr + at, (w_old * prev + w_new * zsum) / (w_old + w_new),
                      mask=mask_n)
 
 
 @triton.jit
 def _chunk_dlogits_kernel(
-    logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr,
-    N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
+    logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
+    mean_ptr, N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
     chunk's fp32 logits ((N, vc) row-major) into that tile of dl ((N, vc), dl's dtype)."""
@@ -120,15 +134,19 @@ def _chunk_dlogits_kernel(
     hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
     # uniform_weight: label smoothing's -eps / V on every logit, here only under a softcap
     # (otherwise it is rank one and added outside the kernels).
-    g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32) - uniform_weight
+    p = tl.exp(logits - lse[:, None])
+    g = (p - target_weight * hit.to(tl.float32) - uniform_weight) * scale[:, None]
+    if ENTROPY:  # d(entropy)/dz_j = -p_j (z_j - sum_k p_k z_k), weighed per token
+        ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+        g += ent[:, None] * p * (logits - mean[:, None])
     if FILTER:  # a tile the budget filter skips contributes nothing, unless it holds a target
         keep = tl.load(keep_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + pid_v) != 0
         first_col = v0 + pid_v * BLOCK_V
         inside = (local_t >= first_col) & (local_t < first_col + BLOCK_V)
         keep = keep | (tl.max(inside.to(tl.int32), axis=0) > 0)
         g = tl.where(keep, g, 0.0)
-    g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
-    g = tl.where(mask, g * scale[:, None], 0.0)
+    g = tl.where(mask, logits_grad(g, logits, softcap, HAS_SOFTCAP), 0.0)
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
@@ -180,6 +198,7 @@ def forward(
     sum_logits: bool = False,
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
+    mean_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_forward.forward``: e (N, D), c (V, D), targets (N,) global ids
     -> ``(lse, target_logit, tile_max, logit_sum)``, fp32, tile maxima on ``cfg.block_n`` x
@@ -192,14 +211,16 @@ def forward(
                           dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
-        zsum = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
+        zsum = torch.zeros((n if sum_logits or mean_logit else 0,), dtype=torch.float32,
+                           device=e.device)
         return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum
     chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
     cols = max(bv, cfg.gemm_stats_cols // bv * bv)
     stats_n = min(bn, cfg.gemm_stats_n)
     # Running statistics per column group: the first chunk has the most groups.
     splits = triton.cdiv(min(chunk, v), cols)
-    stats = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32,
+    extra = sum_logits or mean_logit
+    stats = torch.empty((3 if extra else 2, splits, n), dtype=torch.float32,
                         device=e.device)
     buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
     for v0 in range(0, v, chunk):
@@ -211,12 +232,17 @@ def forward(
             tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
             float(softcap), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
             SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+            MEAN_LOGIT=mean_logit,
             num_warps=cfg.gemm_stats_warps,
         )
-    zsum = stats[2].sum(0) if sum_logits else stats.new_zeros((0,))
-    if splits == 1:
-        return stats[0, 0].clone(), stats[1, 0].clone(), tile_max, zsum
-    return torch.logsumexp(stats[0], dim=0), stats[1].sum(0), tile_max, zsum
+    lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
+    if sum_logits:
+        zsum = stats[2].sum(0)
+    elif mean_logit:
+        zsum = (torch.exp(stats[0] - lse) * stats[2]).sum(0)
+    else:
+        zsum = stats.new_zeros((0,))
+    return lse, stats[1].sum(0), tile_max, zsum
 
 
 def backward(
@@ -237,6 +263,7 @@ def backward(
     uniform_weight: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
+    entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
     skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
@@ -270,10 +297,11 @@ def backward(
             _mm_fp32(e, rows.t(), logits, accumulate=False)
             _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
                 logits, dl, targets, lse if bias is None else bias, lse, grad_scale, keep,
-                n, v, vc, v0, vocab_start, triton.cdiv(v, bv), float(target_weight),
-                float(uniform_weight), float(softcap),
+                *(entropy or (lse, lse)), n, v, vc, v0, vocab_start, triton.cdiv(v, bv),
+                float(target_weight), float(uniform_weight), float(softcap),
                 BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, PRECISION=precision,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+                ENTROPY=entropy is not None, PRECISION=precision,
                 num_warps=cfg.gemm_num_warps,
             )
             if want_dc and dbias is not None:

@@ -53,30 +53,35 @@ def tile_grid(
 def cce_forward(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str,
     sum_logits: bool = False, softcap: float = 0.0, bias: Optional[torch.Tensor] = None,
+    mean_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), the
     per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`), and with ``sum_logits``
     each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor.
-    The logits are ``e @ c.T + bias`` ((V,) or None), capped by ``softcap`` when it is > 0."""
+    The logits are ``e @ c.T + bias`` ((V,) or None), capped by ``softcap`` when it is > 0.
+    With ``mean_logit`` the last output is instead each token's softmax-weighted mean logit
+    over these rows (N,) (the entropy's)."""
     if backend == "triton":
         from . import gemm_engine, triton_forward
 
         cfg = default_config(e.device, e.dtype)
         engine = gemm_engine if cfg.gemm and gemm_engine.supported(e) else triton_forward
-        return engine.forward(e, c, targets, vocab_start, cfg, sum_logits, softcap, bias)
+        return engine.forward(e, c, targets, vocab_start, cfg, sum_logits, softcap, bias,
+                              mean_logit)
     return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits,
-                             softcap=softcap, bias=bias)
+                             softcap=softcap, bias=bias, mean_logit=mean_logit)
 
 
 @cce_forward.register_fake
-def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=None):
+def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=None,
+      mean_logit=False):
     n, v = e.shape[0], c.shape[0]
     stat_dtype = loss_dtype(e.dtype)
     return (
         e.new_empty((n,), dtype=stat_dtype),
         e.new_empty((n,), dtype=stat_dtype),
         e.new_empty(tile_grid(n, v, backend, e.device, e.dtype), dtype=torch.float32),
-        e.new_empty((n if sum_logits else 0,), dtype=stat_dtype),
+        e.new_empty((n if sum_logits or mean_logit else 0,), dtype=stat_dtype),
     )
 
 
@@ -97,6 +102,8 @@ def cce_backward(
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
     bias: Optional[torch.Tensor] = None,
+    ent_scale: Optional[torch.Tensor] = None,
+    mean_logit: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
     LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a
@@ -106,15 +113,18 @@ def cce_backward(
     threshold, or minus the budget), None for exact; ``vocab_size``: rows of all shards (-1:
     this shard's); ``target_weight``: weight of the one-hot term (1 - label smoothing);
     ``uniform_weight``: subtracted from every softmax entry (label smoothing's eps / V, when a
-    softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`."""
+    softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`;
+    ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
+    the logits' gradient (an entropy's, weighed by minus its upstream gradient)."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias)
+                     de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
+                     ent_scale, mean_logit)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None):
+      bias=None, ent_scale=None, mean_logit=None):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
     return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
@@ -136,6 +146,8 @@ def cce_backward_notify(
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
     bias: Optional[torch.Tensor] = None,
+    ent_scale: Optional[torch.Tensor] = None,
+    mean_logit: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
@@ -144,18 +156,23 @@ def cce_backward_notify(
     the cross-rank dE reduction while dC is still being computed.
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                     True, on_de_ready, vocab_size, target_weight, softcap, uniform_weight, bias)
+                     True, on_de_ready, vocab_size, target_weight, softcap, uniform_weight, bias,
+                     ent_scale, mean_logit)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
               de_fp32, on_de_ready, vocab_size, target_weight, softcap=0.0, uniform_weight=0.0,
-              bias=None):
+              bias=None, ent_scale=None, mean_logit=None):
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     dbias = None
     if bias is not None:
         dbias = torch.zeros(bias.shape, dtype=loss_dtype(e.dtype), device=bias.device)
-    options = dict(softcap=softcap, uniform_weight=uniform_weight, bias=bias, dbias=dbias)
+    entropy = None
+    if ent_scale is not None and mean_logit is not None:
+        entropy = (ent_scale.contiguous(), mean_logit.contiguous())
+    options = dict(softcap=softcap, uniform_weight=uniform_weight, bias=bias, dbias=dbias,
+                   entropy=entropy)
     de, dc = _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter,
                               backend, de_fp32, on_de_ready, vocab_size, target_weight, options)
     dbias = c.new_empty((0,)) if bias is None else dbias.to(bias.dtype)

@@ -33,6 +33,7 @@ def forward(
     sum_logits: bool = False,
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
+    mean_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LSE, target logit, tile maxima (and sum of logits) of each token over the rows of ``c``.
 
@@ -43,16 +44,18 @@ def forward(
     float32, which the budget filter of :func:`backward` bounds the tiles' mass with; with
     ``sum_logits``, each token's sum of logits over these rows (N,) (else an empty tensor).
     The logits are ``e @ c.T`` plus ``bias`` (V,), then ``softcap * tanh(z / softcap)`` when
-    ``softcap`` > 0.
+    ``softcap`` > 0. With ``mean_logit`` the last output is instead each token's mean logit
+    under its softmax over these rows (the entropy's ``sum_j p_j z_j``).
     """
     cdt = _compute_dtype(e.dtype)
     n, v = e.shape[0], c.shape[0]
     lse = torch.full((n,), -math.inf, dtype=cdt, device=e.device)
     tgt = torch.zeros((n,), dtype=cdt, device=e.device)
-    zsum = torch.zeros((n if sum_logits else 0,), dtype=cdt, device=e.device)
+    zsum = torch.zeros((n if sum_logits or mean_logit else 0,), dtype=cdt, device=e.device)
     maxima = [torch.empty((-(-n // TILE_N), 0), dtype=torch.float32, device=e.device)]
     local_t = targets.long() - vocab_start
     ef = e.to(cdt)
+    weighted = []  # per chunk: (its LSE, its softmax-weighted mean logit)
     chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
@@ -64,6 +67,13 @@ def forward(
         maxima.append(_tile_maxima(logits))
         if sum_logits:
             zsum = zsum + logits.sum(dim=1)
+        if mean_logit:  # combined with the chunks' weights in the final LSE below
+            weighted.append((torch.logsumexp(logits, dim=1), torch.softmax(logits, dim=1)
+                             .mul(logits).sum(dim=1)))
+    if mean_logit and weighted:
+        parts = torch.stack([w for w, _ in weighted])
+        means = torch.stack([m for _, m in weighted])
+        zsum = (torch.exp(parts - lse) * means).sum(dim=0)
     return lse, tgt, torch.cat(maxima, dim=1), zsum
 
 
@@ -102,6 +112,7 @@ def backward(
     uniform_weight: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
+    entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * (lse[n] - w * logit[n, t_n])`` in ``e`` and ``c``,
     ``w = target_weight`` (1 - label smoothing; the smoothing's uniform term is not here).
@@ -113,7 +124,8 @@ def backward(
     forward's), except those holding a target. ``vocab_size``: rows of all shards.
     ``uniform_weight`` is subtracted from every entry (label smoothing's eps / V, under a
     softcap); softcap and bias as in :func:`forward`, with ``dbias`` (V,) receiving the bias's
-    gradient (in its dtype). Returns
+    gradient (in its dtype); ``entropy = (ent_scale, mean_logit)`` adds
+    ``ent_scale_n p_j (z_j - mean_logit_n)`` (unfiltered by the per-entry test). Returns
     ``(de, dc)`` in the dtypes of ``e`` and ``c`` (``de`` in the compute dtype with
     ``de_fp32``); ``de`` is this shard's partial contribution.
     """
@@ -151,9 +163,15 @@ def backward(
             g = torch.where(mask[: g.shape[0], : g.shape[1]], g, 0.0)
         elif grad_filter is not None:
             g = torch.where(g.abs() < grad_filter.value, 0.0, g)
+        g = g * scale[:, None]
+        if entropy is not None:
+            p = torch.exp(z - lse[:, None])
+            ent = p * (z - entropy[1].to(cdt)[:, None]) * entropy[0].to(cdt)[:, None]
+            if keep is not None:
+                ent = torch.where(mask[: g.shape[0], : g.shape[1]], ent, 0.0)
+            g = g + ent
         if softcap > 0:
             g = g * (1 - (z / softcap) ** 2)
-        g = g * scale[:, None]
         if dbias is not None:
             dbias[v0:v1] = g.sum(dim=0).to(dbias.dtype)
         de += g @ cc

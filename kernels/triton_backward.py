@@ -36,12 +36,14 @@ from .tiles import (
 @triton.jit
 def _dlogits_kernel(
     e_ptr, c_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
+    ent_scale_ptr, mean_ptr,
     N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps, target_weight,
     uniform_weight, softcap,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FILTER: tl.constexpr, ENTRY_TEST: tl.constexpr, PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ZERO_SKIPPED: tl.constexpr,
+    ENTROPY: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary blocks of the chunk). One program owns one tile of dl
     and its keep-flag."""
@@ -71,11 +73,14 @@ def _dlogits_kernel(
             )
             logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS,
                                    HAS_SOFTCAP)
-            g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
-            g = tl.where(mask, g - uniform_weight, 0.0)
+            p = tl.exp(logits - lse[:, None])
+            g = tl.where(mask, p - target_weight * hit.to(tl.float32) - uniform_weight, 0.0)
             if ENTRY_TEST:  # the per-entry filter also drops recomputed tiles under eps
                 flag = (tl.max(tl.max(tl.abs(g), axis=1), axis=0) >= eps).to(tl.int32)
-            g = logits_grad(g, logits, softcap, HAS_SOFTCAP) * scale[:, None]
+            g = g * scale[:, None]
+            if ENTROPY:
+                g += _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits)
+            g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
             if ZERO_SKIPPED:  # the bias gradient sums dl whole: a dropped tile must read 0
                 g = g * flag.to(tl.float32)
             tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
@@ -89,10 +94,22 @@ def _dlogits_kernel(
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
         logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
-        g = tl.exp(logits - lse[:, None]) - target_weight * hit.to(tl.float32)
-        g = tl.where(mask, g - uniform_weight, 0.0)
-        g = logits_grad(g, logits, softcap, HAS_SOFTCAP) * scale[:, None]
+        p = tl.exp(logits - lse[:, None])
+        g = tl.where(mask, p - target_weight * hit.to(tl.float32) - uniform_weight, 0.0)
+        g = g * scale[:, None]
+        if ENTROPY:
+            g += _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits)
+        g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
         tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
+def _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits):
+    """The entropy's share of the logits' gradient, ``ent_n p_j (z_j - mean_n)`` (0 where
+    masked): d(entropy)/dz_j = -p_j (z_j - sum_k p_k z_k), weighed by -ent_n."""
+    ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+    return tl.where(mask, ent[:, None] * p * (logits - mean[:, None]), 0.0)
 
 
 @triton.jit
@@ -218,6 +235,7 @@ def backward(
     uniform_weight: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
+    entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
@@ -228,7 +246,9 @@ def backward(
     (default: this one's); target_weight: the weight of the one-hot term, 1 - label smoothing
     (whose uniform term the caller adds, or passes as ``uniform_weight``, eps / V, under a
     softcap); softcap, bias (V,): see ``triton_forward.forward``, with ``dbias`` (V,) fp32
-    receiving the bias's gradient. Returns ``(de, dc)`` in the input dtype (``de`` in
+    receiving the bias's gradient; ``entropy``: ``(ent_scale, mean_logit)``, (N,) fp32 each,
+    adds ``ent_scale_n p_j (z_j - mean_logit_n)`` to the logits' gradient (the entropy's, see
+    ``cce_dist.linear_logprobs_entropy``). Returns ``(de, dc)`` in the input dtype (``de`` in
     fp32 with ``de_fp32``); ``de`` is this slice's partial contribution.
 
     When V is large enough, the fp32 dE accumulator and the dl chunk live in the storage of dC's
@@ -278,12 +298,13 @@ def backward(
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
             _dlogits_kernel[(n_blocks, cb)](
                 e, c, targets, lse if bias is None else bias, lse, grad_scale, keep, dl, flags,
-                n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
+                *(entropy or (lse, lse)), n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
                 float(uniform_weight), float(softcap),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
                 ENTRY_TEST=entry_test, PRECISION=precision, HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap > 0, ZERO_SKIPPED=use_filter and dbias is not None,
+                ENTROPY=entropy is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if want_dc and dbias is not None:

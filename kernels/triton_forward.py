@@ -26,7 +26,7 @@ def _forward_kernel(
     stride_en, stride_ed, stride_cv, stride_cd,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SUM_LOGITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN_LOGIT: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary splits). One program owns one token block's partial LSE,
     target logit (and, with SUM_LOGITS, sum of logits) over its split's vocabulary blocks."""
@@ -66,16 +66,22 @@ def _forward_kernel(
                 _store_tile_max(tile_max_ptr, part, mask_n, tiles, vb * (BLOCK_V // TILE_V) + j,
                                 num_n_tiles, num_v_tiles, BLOCK_N, TILE_N)
         m_new = tl.maximum(m, row_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        rescale = tl.exp(m - m_new)
+        p = tl.exp(logits - m_new[:, None])
+        s = s * rescale + tl.sum(p, axis=1)
         m = m_new
         hit = (offs_v[None, :] == local_t[:, None]) & mask_v[None, :]
         tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
         if SUM_LOGITS:  # label smoothing's mean logit
             zsum += tl.sum(tl.where(mask_v[None, :], logits, 0.0), axis=1)
+        if MEAN_LOGIT:  # sum_j exp(z_j - m) z_j (the entropy's), rescaled with s
+            zsum = zsum * rescale + tl.sum(p * tl.where(mask_v[None, :], logits, 0.0), axis=1)
     lse = m + tl.log(s)
+    if MEAN_LOGIT:
+        zsum = zsum / s
     tl.store(lse_part_ptr + pid_s * N + offs_n, lse, mask=mask_n)
     tl.store(tgt_part_ptr + pid_s * N + offs_n, tgt, mask=mask_n)
-    if SUM_LOGITS:
+    if SUM_LOGITS or MEAN_LOGIT:
         tl.store(zsum_part_ptr + pid_s * N + offs_n, zsum, mask=mask_n)
 
 
@@ -99,6 +105,7 @@ def forward(
     sum_logits: bool = False,
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
+    mean_logit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """e: (N, D), c: (V, D) of one float dtype; targets: (N,) integer global ids.
 
@@ -106,6 +113,8 @@ def forward(
     target is not in these rows), (cdiv(N, block_n), cdiv(V, block_v)) float32, and with
     ``sum_logits`` each token's sum of logits over these rows, (N,) float32 (else empty). The
     logits are ``e @ c.T`` plus ``bias`` (V,), then capped by ``softcap`` when it is > 0.
+    With ``mean_logit`` (instead of ``sum_logits``) the last output is each token's mean logit
+    under its softmax over these rows, ``sum_j p_j z_j / sum_j p_j`` (the entropy's).
     """
     n, d = e.shape
     v = c.shape[0]
@@ -115,14 +124,15 @@ def forward(
     n_blocks = triton.cdiv(n, cfg.fw_block_n)
     v_blocks = triton.cdiv(v, cfg.fw_block_v)
     tile_max = torch.empty((n_tiles, v_tiles), dtype=torch.float32, device=e.device)
-    zeros = torch.zeros((n if sum_logits else 0,), dtype=torch.float32, device=e.device)
+    extra = sum_logits or mean_logit
+    zeros = torch.zeros((n if extra else 0,), dtype=torch.float32, device=e.device)
     if n == 0 or v == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zeros
     splits = max(1, min(v_blocks, triton.cdiv(cfg.target_programs, n_blocks)))
     blocks_per_split = triton.cdiv(v_blocks, splits)
     splits = triton.cdiv(v_blocks, blocks_per_split)
-    parts = torch.empty((3 if sum_logits else 2, splits, n), dtype=torch.float32, device=e.device)
+    parts = torch.empty((3 if extra else 2, splits, n), dtype=torch.float32, device=e.device)
     lse_part, tgt_part, zsum_part = parts[0], parts[1], parts[-1]
     _forward_kernel[(n_blocks, splits)](
         e, c, targets, tile_max if bias is None else bias, lse_part, tgt_part, zsum_part,
@@ -130,10 +140,12 @@ def forward(
         float(softcap), e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
         BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype), SUM_LOGITS=sum_logits,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit,
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
-    logit_sum = zsum_part.sum(dim=0) if sum_logits else zeros
-    if splits == 1:
-        return lse_part[0].clone(), tgt_part[0].clone(), tile_max, logit_sum
-    return torch.logsumexp(lse_part, dim=0), tgt_part.sum(dim=0), tile_max, logit_sum
+    lse = lse_part[0].clone() if splits == 1 else torch.logsumexp(lse_part, dim=0)
+    if sum_logits:
+        zeros = zsum_part.sum(dim=0)
+    elif mean_logit:
+        zeros = (torch.exp(lse_part - lse) * zsum_part).sum(dim=0)
+    return lse, tgt_part.sum(dim=0), tile_max, zeros

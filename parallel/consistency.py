@@ -35,7 +35,7 @@ _FIELDS = (
     ("rows of e", True), ("D", True), ("dtype", True), ("reduction", True),
     ("ignore_index", True), ("sequence_parallel", True), ("number of targets", True),
     ("filter_eps", True), ("label_smoothing", True), ("z_loss", True), ("softcap", True),
-    ("bias given", True), ("shard rows", False),
+    ("bias given", True), ("function", True), ("temperature", True), ("shard rows", False),
     ("vocab_start", False),
     ("rejected its arguments", False),
 )
@@ -70,12 +70,18 @@ def shard_layout(
     z_loss: float = 0.0,
     softcap: float = 0.0,
     has_bias: bool = False,
+    function: int = 0,
+    temperature: float = 1.0,
 ) -> ShardLayout:
-    """Check that all ranks of ``group`` agree and return this rank's :class:`ShardLayout`."""
+    """Check that all ranks of ``group`` agree and return this rank's :class:`ShardLayout`.
+
+    ``function``: 0 for ``linear_cross_entropy``, 1 for ``linear_logprobs_entropy`` (whose
+    ``temperature`` is checked too): ranks that call different functions raise."""
     signature = (
         rows, d, _DTYPES.index(dtype), _REDUCTIONS.index(reduction), ignore_index,
         int(sequence_parallel), num_targets, _eps_bits(filter_eps), _eps_bits(label_smoothing),
-        _eps_bits(z_loss), _eps_bits(softcap), int(has_bias), shard_rows,
+        _eps_bits(z_loss), _eps_bits(softcap), int(has_bias), function, _eps_bits(temperature),
+        shard_rows,
         -1 if vocab_start is None else vocab_start, 0,
     )
     # The cache is keyed by the fields every rank must share, so that all ranks hit or miss it

@@ -36,7 +36,8 @@ def linear_logprobs_entropy(
         e: (..., D) hidden states, bf16 / fp16 / fp32 / fp64; c: (V, D) classifier (with
             ``group``: this rank's vocabulary shard) of the same dtype and device; targets:
             integer tensor of e's leading shape.
-        temperature: > 0; the logits are ``e @ c.T / temperature``.
+        temperature: > 0; the logits are ``e @ c.T / temperature`` (the division is applied
+            to the fp32 products inside the kernels).
         ignore_index: tokens with this target get logprob 0 and entropy 0, and no gradient.
         filter_eps: as in :func:`cce_dist.linear_cross_entropy`. The default budget filter
             skips a backward tile only while bounds on the softmax mass of all skipped tiles
@@ -88,14 +89,12 @@ def linear_logprobs_entropy(
         )
         start, vocab_size = layout.vocab_start, layout.vocab_size
     check_target_range(targets, vocab_size, ignore_index)
-    if temperature != 1.0:  # autograd carries the 1 / T into dE
-        e2 = e2 / temperature
     if e2.stride(-1) != 1:
         e2 = e2.contiguous()
     if c.stride(-1) != 1:
         c = c.contiguous()
     logprobs, entropy = LogprobsEntropyFunction.apply(
         e2, c, t1, ignore_index, eps, start, vocab_size, resolve_backend(backend, e2), group,
-        sequence_parallel,
+        sequence_parallel, 1.0 / temperature,
     )
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)

@@ -37,10 +37,10 @@ from .triton_backward import workspace_split
 @triton.jit
 def _chunk_stats_kernel(
     logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
-    N, V, vc, v0, vocab_start, num_v_tiles, first, softcap,
+    N, V, vc, v0, vocab_start, num_v_tiles, first, softcap, logit_scale,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
     SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    MEAN_LOGIT: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     """Grid: (token blocks of BLOCK_N, column groups of COLS). One program folds one token
     block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the
@@ -63,9 +63,9 @@ def _chunk_stats_kernel(
         mask_v = offs_c < vc
         mask = mask_n[:, None] & mask_v[None, :]
         logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
-        if HAS_BIAS or HAS_SOFTCAP:
-            logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, HAS_BIAS,
-                                   HAS_SOFTCAP)
+        if HAS_BIAS or HAS_SOFTCAP or HAS_SCALE:
+            logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap,
+                                   logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
             logits = tl.where(mask, logits, float("-inf"))
         row_max = tl.max(logits, axis=1)
         tl.atomic_max(tile_max_ptr + (pid_n * BLOCK_N // TILE_N) * num_v_tiles
@@ -112,9 +112,10 @@ def _chunk_stats_kernel(
 def _chunk_dlogits_kernel(
     logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
     mean_ptr, N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
+    logit_scale,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
     chunk's fp32 logits ((N, vc) row-major) into that tile of dl ((N, vc), dl's dtype)."""
@@ -130,7 +131,8 @@ def _chunk_dlogits_kernel(
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     at = offs_n.to(tl.int64)[:, None] * vc + offs_c[None, :]
     logits = tl.load(logits_ptr + at, mask=mask, other=0.0)
-    logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+    logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
+                           HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
     hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
     # uniform_weight: label smoothing's -eps / V on every logit, here only under a softcap
     # (otherwise it is rank one and added outside the kernels).
@@ -146,7 +148,8 @@ def _chunk_dlogits_kernel(
         inside = (local_t >= first_col) & (local_t < first_col + BLOCK_V)
         keep = keep | (tl.max(inside.to(tl.int32), axis=0) > 0)
         g = tl.where(keep, g, 0.0)
-    g = tl.where(mask, logits_grad(g, logits, softcap, HAS_SOFTCAP), 0.0)
+    g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
+    g = tl.where(mask, g, 0.0)
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
@@ -199,6 +202,7 @@ def forward(
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     mean_logit: bool = False,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_forward.forward``: e (N, D), c (V, D), targets (N,) global ids
     -> ``(lse, target_logit, tile_max, logit_sum)``, fp32, tile maxima on ``cfg.block_n`` x
@@ -230,9 +234,9 @@ def forward(
         _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
             logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
             tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
-            float(softcap), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
+            float(softcap), float(logit_scale), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
             SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-            MEAN_LOGIT=mean_logit,
+            MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
             num_warps=cfg.gemm_stats_warps,
         )
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
@@ -264,6 +268,7 @@ def backward(
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
     entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
     skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
@@ -298,10 +303,10 @@ def backward(
             _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
                 logits, dl, targets, lse if bias is None else bias, lse, grad_scale, keep,
                 *(entropy or (lse, lse)), n, v, vc, v0, vocab_start, triton.cdiv(v, bv),
-                float(target_weight), float(uniform_weight), float(softcap),
+                float(target_weight), float(uniform_weight), float(softcap), float(logit_scale),
                 BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                ENTROPY=entropy is not None, PRECISION=precision,
+                ENTROPY=entropy is not None, HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
                 num_warps=cfg.gemm_num_warps,
             )
             if want_dc and dbias is not None:

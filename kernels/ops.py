@@ -53,28 +53,36 @@ def tile_grid(
 def cce_forward(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str,
     sum_logits: bool = False, softcap: float = 0.0, bias: Optional[torch.Tensor] = None,
-    mean_logit: bool = False,
+    mean_logit: bool = False, logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), the
     per-tile maxima (fp32, on the backend's tiles: :func:`tile_grid`), and with ``sum_logits``
     each token's sum of logits over these rows (N,) (label smoothing), else an empty tensor.
     The logits are ``e @ c.T + bias`` ((V,) or None), capped by ``softcap`` when it is > 0.
     With ``mean_logit`` the last output is instead each token's softmax-weighted mean logit
-    over these rows (N,) (the entropy's)."""
+    over these rows (N,) (the entropy's). ``logit_scale`` (1 / temperature) multiplies the
+    products in fp32, before any bias (not both)."""
+    _check_scale(logit_scale, bias)
     if backend == "triton":
         from . import gemm_engine, triton_forward
 
         cfg = default_config(e.device, e.dtype)
         engine = gemm_engine if cfg.gemm and gemm_engine.supported(e) else triton_forward
         return engine.forward(e, c, targets, vocab_start, cfg, sum_logits, softcap, bias,
-                              mean_logit)
+                              mean_logit, logit_scale)
     return reference.forward(e, c, targets, vocab_start, sum_logits=sum_logits,
-                             softcap=softcap, bias=bias, mean_logit=mean_logit)
+                             softcap=softcap, bias=bias, mean_logit=mean_logit,
+                             logit_scale=logit_scale)
+
+
+def _check_scale(logit_scale: float, bias: Optional[torch.Tensor]) -> None:
+    if bias is not None and logit_scale != 1.0:
+        raise ValueError("the kernels take a logit_scale (temperature) or a bias, not both")
 
 
 @cce_forward.register_fake
 def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=None,
-      mean_logit=False):
+      mean_logit=False, logit_scale=1.0):
     n, v = e.shape[0], c.shape[0]
     stat_dtype = loss_dtype(e.dtype)
     return (
@@ -104,6 +112,7 @@ def cce_backward(
     bias: Optional[torch.Tensor] = None,
     ent_scale: Optional[torch.Tensor] = None,
     mean_logit: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
     LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a
@@ -115,16 +124,17 @@ def cce_backward(
     ``uniform_weight``: subtracted from every softmax entry (label smoothing's eps / V, when a
     softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`;
     ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
-    the logits' gradient (an entropy's, weighed by minus its upstream gradient)."""
+    the logits' gradient (an entropy's, weighed by minus its upstream gradient);
+    ``logit_scale``: as in :func:`cce_forward`."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit)
+                     ent_scale, mean_logit, logit_scale)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None, ent_scale=None, mean_logit=None):
+      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
     return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
@@ -148,6 +158,7 @@ def cce_backward_notify(
     bias: Optional[torch.Tensor] = None,
     ent_scale: Optional[torch.Tensor] = None,
     mean_logit: Optional[torch.Tensor] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
@@ -157,12 +168,13 @@ def cce_backward_notify(
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      True, on_de_ready, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit)
+                     ent_scale, mean_logit, logit_scale)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
               de_fp32, on_de_ready, vocab_size, target_weight, softcap=0.0, uniform_weight=0.0,
-              bias=None, ent_scale=None, mean_logit=None):
+              bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
+    _check_scale(logit_scale, bias)
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     dbias = None
@@ -172,7 +184,7 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
     if ent_scale is not None and mean_logit is not None:
         entropy = (ent_scale.contiguous(), mean_logit.contiguous())
     options = dict(softcap=softcap, uniform_weight=uniform_weight, bias=bias, dbias=dbias,
-                   entropy=entropy)
+                   entropy=entropy, logit_scale=logit_scale)
     de, dc = _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter,
                               backend, de_fp32, on_de_ready, vocab_size, target_weight, options)
     dbias = c.new_empty((0,)) if bias is None else dbias.to(bias.dtype)

@@ -34,6 +34,7 @@ def forward(
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     mean_logit: bool = False,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LSE, target logit, tile maxima (and sum of logits) of each token over the rows of ``c``.
 
@@ -59,7 +60,7 @@ def forward(
     chunk_size = max(TILE_V, chunk_size // TILE_V * TILE_V)
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
-        logits = _finish(ef @ c[v0:v1].to(cdt).T, bias, v0, v1, softcap)
+        logits = _finish(ef @ c[v0:v1].to(cdt).T * logit_scale, bias, v0, v1, softcap)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
@@ -113,6 +114,7 @@ def backward(
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
     entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * (lse[n] - w * logit[n, t_n])`` in ``e`` and ``c``,
     ``w = target_weight`` (1 - label smoothing; the smoothing's uniform term is not here).
@@ -148,7 +150,7 @@ def backward(
     for v0 in range(0, v, chunk_size):
         v1 = min(v0 + chunk_size, v)
         cc = c[v0:v1].to(cdt)
-        z = _finish(ef @ cc.T, bias, v0, v1, softcap)
+        z = _finish(ef @ cc.T * logit_scale, bias, v0, v1, softcap)
         g = torch.exp(z - lse[:, None]) - uniform_weight
         inside = (local_t >= v0) & (local_t < v1)
         col = torch.where(inside, local_t - v0, 0)
@@ -174,6 +176,7 @@ def backward(
             g = g * (1 - (z / softcap) ** 2)
         if dbias is not None:
             dbias[v0:v1] = g.sum(dim=0).to(dbias.dtype)
+        g = g * logit_scale
         de += g @ cc
         dc[v0:v1] = (g.T @ ef).to(c.dtype)
     return (de if de_fp32 else de.to(e.dtype)), dc

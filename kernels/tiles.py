@@ -162,11 +162,14 @@ def tanh(x):
 
 
 @triton.jit
-def finish_logits(raw, bias_ptr, offs_v, mask_v, softcap,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """fp32 products (rows x columns ``offs_v``) -> the logits the loss sees: plus this
-    shard's ``bias[offs_v]``, then ``softcap * tanh(z / softcap)`` (Gemma 2)."""
+def finish_logits(raw, bias_ptr, offs_v, mask_v, softcap, logit_scale,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """fp32 products (rows x columns ``offs_v``) -> the logits the loss sees: times
+    ``logit_scale`` (1 / temperature, in fp32), plus this shard's ``bias[offs_v]``, then
+    ``softcap * tanh(z / softcap)`` (Gemma 2)."""
     z = raw
+    if HAS_SCALE:
+        z = z * logit_scale
     if HAS_BIAS:
         z = z + tl.load(bias_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -175,12 +178,16 @@ def finish_logits(raw, bias_ptr, offs_v, mask_v, softcap,
 
 
 @triton.jit
-def logits_grad(g, z, softcap, HAS_SOFTCAP: tl.constexpr):
-    """The gradient ``g`` of the finished logits ``z`` -> that of the products (and of the
-    bias): times ``1 - tanh^2 = 1 - (z / softcap)^2`` under a softcap."""
+def logits_grad(g, z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The gradient ``g`` of the finished logits ``z`` -> that of the bias (the softcap's
+    ``1 - tanh^2 = 1 - (z / softcap)^2``), then of the products (times ``logit_scale``): the
+    bias's gradient is taken before the scale, which only RL's temperature sets, without a
+    bias."""
     if HAS_SOFTCAP:
         t = z / softcap
         g = g * (1.0 - t * t)
+    if HAS_SCALE:
+        g = g * logit_scale
     return g
 
 

@@ -38,12 +38,12 @@ def _dlogits_kernel(
     e_ptr, c_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, dl_ptr, flag_ptr,
     ent_scale_ptr, mean_ptr,
     N, V, D, vocab_start, v0, vc, num_v_blocks, chunk_blocks, eps, target_weight,
-    uniform_weight, softcap,
+    uniform_weight, softcap, logit_scale,
     stride_en, stride_ed, stride_cv, stride_cd, stride_dln,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     FILTER: tl.constexpr, ENTRY_TEST: tl.constexpr, PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ZERO_SKIPPED: tl.constexpr,
-    ENTROPY: tl.constexpr,
+    ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary blocks of the chunk). One program owns one tile of dl
     and its keep-flag."""
@@ -71,8 +71,8 @@ def _dlogits_kernel(
                 e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv,
                 stride_cd, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
             )
-            logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS,
-                                   HAS_SOFTCAP)
+            logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, logit_scale,
+                                   HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
             p = tl.exp(logits - lse[:, None])
             g = tl.where(mask, p - target_weight * hit.to(tl.float32) - uniform_weight, 0.0)
             if ENTRY_TEST:  # the per-entry filter also drops recomputed tiles under eps
@@ -80,7 +80,7 @@ def _dlogits_kernel(
             g = g * scale[:, None]
             if ENTROPY:
                 g += _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits)
-            g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
+            g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
             if ZERO_SKIPPED:  # the bias gradient sums dl whole: a dropped tile must read 0
                 g = g * flag.to(tl.float32)
             tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
@@ -93,13 +93,14 @@ def _dlogits_kernel(
             e_ptr, c_ptr, offs_n, offs_v, N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
-        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, logit_scale, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_SCALE)
         p = tl.exp(logits - lse[:, None])
         g = tl.where(mask, p - target_weight * hit.to(tl.float32) - uniform_weight, 0.0)
         g = g * scale[:, None]
         if ENTROPY:
             g += _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits)
-        g = logits_grad(g, logits, softcap, HAS_SOFTCAP)
+        g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
         tl.store(dl_ptrs, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
@@ -236,6 +237,7 @@ def backward(
     bias: Optional[torch.Tensor] = None,
     dbias: Optional[torch.Tensor] = None,
     entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``sum_n grad_scale[n] * loss_n`` for this slice of the vocabulary.
 
@@ -299,12 +301,12 @@ def backward(
             _dlogits_kernel[(n_blocks, cb)](
                 e, c, targets, lse if bias is None else bias, lse, grad_scale, keep, dl, flags,
                 *(entropy or (lse, lse)), n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
-                float(uniform_weight), float(softcap),
+                float(uniform_weight), float(softcap), float(logit_scale),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,
                 ENTRY_TEST=entry_test, PRECISION=precision, HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap > 0, ZERO_SKIPPED=use_filter and dbias is not None,
-                ENTROPY=entropy is not None,
+                ENTROPY=entropy is not None, HAS_SCALE=logit_scale != 1.0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             if want_dc and dbias is not None:

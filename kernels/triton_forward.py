@@ -23,10 +23,12 @@ from .tiles import BlockConfig, dot_precision, finish_logits, local_targets, log
 def _forward_kernel(
     e_ptr, c_ptr, t_ptr, bias_ptr, lse_part_ptr, tgt_part_ptr, zsum_part_ptr, tile_max_ptr,
     N, V, D, vocab_start, blocks_per_split, num_v_blocks, num_n_tiles, num_v_tiles, softcap,
+    logit_scale,
     stride_en, stride_ed, stride_cv, stride_cd,
     BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, TILE_V: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SUM_LOGITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MEAN_LOGIT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     """Grid: (token blocks, vocabulary splits). One program owns one token block's partial LSE,
     target logit (and, with SUM_LOGITS, sum of logits) over its split's vocabulary blocks."""
@@ -50,7 +52,8 @@ def _forward_kernel(
             BLOCK_N, BLOCK_V, BLOCK_D, PRECISION,
         )
         mask_v = offs_v < V
-        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+        logits = finish_logits(logits, bias_ptr, offs_v, mask_v, softcap, logit_scale, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_SCALE)
         logits = tl.where(mask_v[None, :], logits, float("-inf"))
         # One maximum per TILE_N x TILE_V tile: the backward's filtering grid.
         if BLOCK_V == TILE_V:
@@ -106,6 +109,7 @@ def forward(
     softcap: float = 0.0,
     bias: Optional[torch.Tensor] = None,
     mean_logit: bool = False,
+    logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """e: (N, D), c: (V, D) of one float dtype; targets: (N,) integer global ids.
 
@@ -137,10 +141,11 @@ def forward(
     _forward_kernel[(n_blocks, splits)](
         e, c, targets, tile_max if bias is None else bias, lse_part, tgt_part, zsum_part,
         tile_max, n, v, d, vocab_start, blocks_per_split, v_blocks, n_tiles, v_tiles,
-        float(softcap), e.stride(0), e.stride(1), c.stride(0), c.stride(1),
+        float(softcap), float(logit_scale), e.stride(0), e.stride(1), c.stride(0), c.stride(1),
         BLOCK_N=cfg.fw_block_n, TILE_N=cfg.block_n, BLOCK_V=cfg.fw_block_v, TILE_V=cfg.block_v,
         BLOCK_D=cfg.fw_block_d, PRECISION=dot_precision(e.dtype), SUM_LOGITS=sum_logits,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit,
+        HAS_SCALE=logit_scale != 1.0,
         num_warps=cfg.fw_num_warps, num_stages=cfg.fw_num_stages,
     )
     lse = lse_part[0].clone() if splits == 1 else torch.logsumexp(lse_part, dim=0)

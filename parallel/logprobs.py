@@ -1,7 +1,7 @@
 """The autograd function behind ``cce_dist.linear_logprobs_entropy``: per-token log-probabilities
 of the targets and entropies of the softmax, without the N x V logits.
 
-With ``z = e @ c.T`` over all vocabulary rows (all shards):
+With ``z = e @ c.T * logit_scale`` (1 / temperature, applied in fp32) over all vocabulary rows (all shards):
 
 * ``logprob_n = z_{n, t_n} - LSE_n`` (0 at ignored tokens);
 * ``entropy_n = LSE_n - sum_j p_{n, j} z_{n, j}`` (0 at ignored tokens).
@@ -43,11 +43,12 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         backend: str,
         group=None,
         sequence_parallel: bool = False,
+        logit_scale: float = 1.0,
     ):
         if group is not None and sequence_parallel:
             e = all_gather_dim0(e, group)
         lse, target_logit, tile_max, mean = cce_forward(
-            e, c, targets, vocab_start, backend, False, 0.0, None, True)
+            e, c, targets, vocab_start, backend, False, 0.0, None, True, logit_scale)
         if group is not None:
             stats = all_gather_dim0(torch.stack([lse, target_logit, mean]), group)
             stats = stats.view(torch.distributed.get_world_size(group), 3, lse.shape[0])
@@ -62,7 +63,8 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         logprobs = torch.where(bad, torch.nan, logprobs)
         entropy = torch.where(bad, torch.nan, entropy)
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid, mean)
-        ctx.config = (filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel)
+        ctx.config = (filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
+                      logit_scale)
         return logprobs, entropy
 
     @staticmethod
@@ -70,7 +72,8 @@ class LogprobsEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_logprobs: Optional[torch.Tensor],
                  grad_entropy: Optional[torch.Tensor]):
         e, c, targets, lse, tile_max, valid, mean = ctx.saved_tensors
-        filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel = ctx.config
+        (filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
+         logit_scale) = ctx.config
         zeros = torch.zeros_like(lse)
         a = zeros if grad_logprobs is None else grad_logprobs.to(lse.dtype)
         b = zeros if grad_entropy is None else grad_entropy.to(lse.dtype)
@@ -79,7 +82,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         de, dc, _ = cce_backward(
             e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
             de_fp32=group is not None, vocab_size=vocab_size, ent_scale=ent_scale,
-            mean_logit=mean.contiguous())
+            mean_logit=mean.contiguous(), logit_scale=logit_scale)
         if group is not None:
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
-        return (de.to(e.dtype), dc) + (None,) * 8
+        return (de.to(e.dtype), dc) + (None,) * 9

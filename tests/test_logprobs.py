@@ -62,9 +62,7 @@ def test_match_float64(backend, temperature, filter_eps, grads, engine, monkeypa
                                           filter_eps=filter_eps, backend=backend)
         want_lp, want_ent, want_de, want_dc = oracle(e, c, t, temperature, a=a, b=b)
         assert lp.shape == t.shape and ent.shape == t.shape and lp.dtype == torch.float32
-        # bf16: e / temperature is rounded once in e's dtype
-        ftol = 1e-5 if dtype == torch.float32 or temperature == 1.0 else 2e-3
-        assert rel_err(lp, want_lp) < ftol and rel_err(ent, want_ent) < ftol, dtype
+        assert rel_err(lp, want_lp) < 1e-5 and rel_err(ent, want_ent) < 1e-5, dtype
         assert torch.all(lp[t == -100] == 0) and torch.all(ent[t == -100] == 0)
         outputs = [x for x, w in ((lp, a), (ent, b)) if w is not None]
         weights = [w for w in (a, b) if w is not None]

@@ -18,6 +18,10 @@ from . import reference
 from .filtering import decode_filter
 from .tiles import BlockConfig, default_config, interpreting
 
+if __name__ != "cce_dist.kernels.ops":  # see kernels/__init__.py: register the ops only once
+    raise ImportError(f"import cce_dist.kernels.ops, not {__name__}: a second copy would register "
+                      f"the cce_dist:: custom ops again")
+
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -1,0 +1,114 @@
+"""cce_dist.transformers.patch on tiny random-init transformers causal LMs built locally (no
+downloads): the patched loss and every parameter's gradient equal the unpatched model's."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cce_dist.transformers import patch, unpatch  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
+V = 300
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+             max_position_embeddings=64)
+
+
+def _config(family: str, tie: bool):
+    kw = dict(SMALL, tie_word_embeddings=tie)
+    if family == "llama":
+        return transformers.LlamaConfig(**kw), transformers.LlamaForCausalLM
+    if family == "mistral":
+        return transformers.MistralConfig(**kw), transformers.MistralForCausalLM
+    if family == "qwen2":
+        return transformers.Qwen2Config(**kw), transformers.Qwen2ForCausalLM
+    if family == "qwen3":
+        return transformers.Qwen3Config(**kw), transformers.Qwen3ForCausalLM
+    if family == "gemma2":
+        return (transformers.Gemma2Config(**kw, final_logit_softcapping=5.0),
+                transformers.Gemma2ForCausalLM)
+    if family == "gemma3":
+        return (transformers.Gemma3TextConfig(**kw, final_logit_softcapping=5.0),
+                transformers.Gemma3ForCausalLM)
+    raise ValueError(family)
+
+
+def _models(family, tie):
+    config, cls = _config(family, tie)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config).float()
+    with torch.no_grad():  # outputs far from uniform, so that the softcap matters
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model, patch(copy.deepcopy(model))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, -2:] = -100  # padding
+    return ids, labels
+
+
+def _compare(ref, got, **kwargs):
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels, **kwargs)
+    out = got(input_ids=ids, labels=labels, **kwargs)
+    assert out.logits is None  # no N x V logits when labels are given
+    assert rel_err(out.loss, want.loss.double()) < 1e-5
+    want.loss.backward()
+    out.loss.backward()
+    mine = dict(got.named_parameters())
+    for name, p in ref.named_parameters():
+        assert mine[name].grad is not None, name
+        assert rel_err(mine[name].grad, p.grad.double()) < 1e-4, name
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+def test_loss_and_gradients_equal_the_unpatched_model(family):
+    ref, got = _models(family, tie=family.startswith("gemma"))
+    _compare(ref, got)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_num_items_in_batch_and_tied_embeddings(tie):
+    """The Trainer's gradient-accumulation mean (sum / num_items_in_batch), with the input and
+    output embeddings tied or not."""
+    ref, got = _models("llama", tie)
+    assert (ref.get_output_embeddings().weight is ref.get_input_embeddings().weight) == tie
+    _compare(ref, got, num_items_in_batch=torch.tensor(37))
+
+
+def test_shift_labels_keyword():
+    ref, got = _models("qwen2", tie=False)
+    ids, labels = _batch(1)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    want = ref(input_ids=ids, labels=labels).loss
+    out = got(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    assert rel_err(out, want.double()) < 1e-5
+
+
+def test_without_labels_the_logits_are_unchanged_and_unpatch_restores():
+    ref, got = _models("gemma2", tie=True)
+    ids, _ = _batch()
+    want = ref(input_ids=ids).logits
+    assert torch.allclose(got(input_ids=ids).logits, want, atol=1e-5)
+    ids, labels = _batch()
+    assert got(input_ids=ids, labels=labels).logits is None
+    unpatch(got)
+    out = got(input_ids=ids, labels=labels)
+    assert out.logits is not None
+    assert rel_err(out.loss, ref(input_ids=ids, labels=labels).loss.double()) < 1e-5
+
+
+def test_refuses_what_it_cannot_do():
+    ref, _ = _models("llama", tie=False)
+    with pytest.raises(NotImplementedError, match="group"):
+        patch(ref, group=object())
+    with pytest.raises(TypeError, match="causal LM"):
+        patch(torch.nn.Linear(3, 3))

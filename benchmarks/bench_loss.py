@@ -35,7 +35,8 @@ def eager(e, c, t):
 def methods(selected: set[str]) -> dict:
     """The methods named in ``selected`` (all if empty). Competitors are imported only when
     selected: importing apple's cut_cross_entropy 25.1.1 in the same process made our backward
-    custom op fail with "ValueError: vector::reserve" on torch 2.11 (not yet understood)."""
+    custom op fail with "ValueError: vector::reserve" on torch 2.11 before 612f694, which fixed
+    its cause (a second registration of our ops through a top-level "kernels" import)."""
     want = (lambda name: not selected or name in selected)
     out = {
         "cce-dist exact": lambda e, c, t: linear_cross_entropy(e, c, t, filter_eps=None),

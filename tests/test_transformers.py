@@ -112,3 +112,11 @@ def test_refuses_what_it_cannot_do():
         patch(ref, group=object())
     with pytest.raises(TypeError, match="causal LM"):
         patch(torch.nn.Linear(3, 3))
+    # A weight released after its module returned (as ZeRO-3 does) gets a clear error.
+    model = patch(copy.deepcopy(ref))
+    head = model.get_output_embeddings()
+    ids, labels = _batch()
+    hook = head.register_forward_hook(lambda *_: setattr(head.weight, "data", torch.empty(0)))
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        model(input_ids=ids, labels=labels)
+    hook.remove()

@@ -271,3 +271,62 @@ def convert_lm_head(
     head = VocabParallelCCEHead.from_linear(linear, group=group, **head_kwargs)
     setattr(model, head_attr, _PassHidden())
     return CCELossModel(model, head, shift_labels)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    tp_group=None,
+    sp_group=None,
+    vocab_start_index: Optional[int] = None,
+    vocab_end_index: Optional[int] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """A drop-in for DeepSpeed's ``deepspeed.sequence.linear_cross_entropy.
+    vocab_parallel_linear_cross_entropy``: same arguments, same values, computed by cce-dist.
+
+    ``hidden`` (..., H) is identical on every rank of ``tp_group`` (as for a column-parallel
+    layer); ``weight`` (V_r, H) and ``bias`` (V_r,) are this rank's contiguous vocabulary rows
+    ``[vocab_start_index, vocab_end_index)`` (default: even shards in rank order). Under
+    DeepSpeed's sequence parallelism (Ulysses) each rank of ``sp_group`` holds different tokens:
+    ``"mean"`` divides by the non-ignored tokens of all SP ranks and ``"mean"`` / ``"sum"``
+    return the SP-global value, whose gradient reaches this rank's tokens only (DeepSpeed's
+    meaning: the SP ranks' gradients add up to a single process's on the whole sequence).
+    ``"none"``: the per-token losses in ``target``'s shape (0 where ignored), not reduced over
+    ``sp_group``. ``chunk_size`` is accepted for compatibility and ignored (cce-dist chunks on
+    its own). Returns fp32 (fp64 for fp64 inputs).
+    """
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if (vocab_start_index is None) != (vocab_end_index is None):
+        raise ValueError("vocab_start_index and vocab_end_index must be given together")
+    if vocab_start_index is not None and vocab_end_index - vocab_start_index != weight.shape[0]:
+        raise ValueError(f"vocab_end_index - vocab_start_index ({vocab_end_index} - "
+                         f"{vocab_start_index}) must equal weight's rows ({weight.shape[0]})")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    group = tp_group if _rank_world(tp_group)[1] > 1 else None
+    if group is None and vocab_start_index not in (None, 0):
+        raise ValueError(f"vocab_start_index must be 0 without a tensor-parallel group, got "
+                         f"{vocab_start_index}")
+    per_token = linear_cross_entropy(
+        hidden, weight, target, bias=bias, group=group, ignore_index=ignore_index,
+        reduction="none", vocab_start=vocab_start_index if group is not None else None)
+    if reduction == "none":
+        return per_token
+    loss = per_token.sum()
+    sp = sp_group if _rank_world(sp_group)[1] > 1 else None
+    if reduction == "mean":
+        valid = (target != ignore_index).sum().to(loss.dtype)
+        if sp is not None:
+            dist.all_reduce(valid, group=sp)
+        loss = loss / valid.clamp(min=1)
+    if sp is None:
+        return loss
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=sp)
+    return loss + (total - loss.detach())  # the SP-global value; the gradient of the local part

@@ -110,8 +110,9 @@ def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, soft
     if weight.dim() != 2 or weight.numel() == 0:
         raise RuntimeError(
             f"patch(): the output embedding's weight is {tuple(weight.shape)} when the loss "
-            f"needs it; DeepSpeed ZeRO-3 releases it when its module returns, and patch() does "
-            f"not support ZeRO-3 yet: use cce_dist.deepspeed.convert_lm_head there")
+            f"needs it: a parameter-sharding wrapper (ZeRO-3 / FSDP) released it when its module "
+            f"returned. DeepSpeed ZeRO-3 keeps it (tested); for other wrappers, use "
+            f"cce_dist.deepspeed.convert_lm_head or compute the loss inside the head")
     hidden = hidden.to(weight.dtype)
     shift_labels = shift_labels.to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"

@@ -77,11 +77,13 @@ def patch(
         if len(captured) != 1:
             raise RuntimeError(f"patch(): expected the output embedding to be applied once, it "
                                f"was applied {len(captured)} times")
-        outputs.loss = _causal_lm_loss(
+        loss = _causal_lm_loss(
             captured[0], head, labels, kwargs.get("num_items_in_batch"),
             kwargs.get("shift_labels"), softcap, filter_eps, backend)
-        outputs.logits = None
-        return outputs
+        # A fresh output, loss first (outputs[0] is the loss, as transformers returns it) and
+        # no logits entry (assigning None to a ModelOutput attribute keeps the dict's value).
+        rest = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
+        return type(outputs)(loss=loss, **rest)
 
     model._cce_dist_forward = original
     model.forward = types.MethodType(forward, model)

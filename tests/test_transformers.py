@@ -59,7 +59,8 @@ def _compare(ref, got, **kwargs):
     ids, labels = _batch()
     want = ref(input_ids=ids, labels=labels, **kwargs)
     out = got(input_ids=ids, labels=labels, **kwargs)
-    assert out.logits is None  # no N x V logits when labels are given
+    assert out.logits is None and "logits" not in out  # no N x V logits with labels
+    assert out[0] is out.loss  # loss first, as transformers returns it
     assert rel_err(out.loss, want.loss.double()) < 1e-5
     want.loss.backward()
     out.loss.backward()

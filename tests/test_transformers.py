@@ -174,3 +174,42 @@ def test_training_under_deepspeed_zero3(tie, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions")))
     run_ranks(2, _zero3_worker, tie)
+
+
+def test_example_runs(tmp_path):
+    """launch/hf_train.py: one process with and without the patch (same first loss), and under
+    torchrun with DeepSpeed ZeRO-3 on 2 ranks."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    from distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CCE_DIST_CACHE=str(tmp_path), OMP_NUM_THREADS="1",
+               DS_ACCELERATOR="cpu")
+    env.pop("TRITON_INTERPRET", None)
+    script = str(root / "launch" / "hf_train.py")
+    common = ["--steps", "3", "--vocab-size", "600", "--hidden", "32", "--seq-len", "16",
+              "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json")]
+    runs = {
+        "cce": [sys.executable, script] + common,
+        "native": [sys.executable, script, "--loss", "native"] + common,
+        "zero3": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                  "--master-port", str(free_port()), script, "--zero", "3"] + common,
+    }
+    first = {}
+    for name, cmd in runs.items():
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path)
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+        losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+        assert len(losses) == 3 and all(0 < x < 20 for x in losses), run.stdout[-2000:]
+        assert re.search(r"summary loss=\w+ family=llama zero=\w+ world=\d step_ms=[\d.]+ "
+                         r"peak_rss_mb=\d+ tokens_per_s_per_gpu=\d+", run.stdout), run.stdout
+        first[name] = losses[0]
+    assert abs(first["cce"] - first["native"]) < 2e-4 and abs(first["zero3"] - first["cce"]) < 2e-4

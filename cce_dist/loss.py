@@ -116,8 +116,8 @@ def linear_cross_entropy(
             raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-                raise TypeError(f"bias must be None or a floating-point tensor, got "
-                                f"{type(bias).__name__ if not isinstance(bias, torch.Tensor) else bias.dtype}")
+                got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise TypeError(f"bias must be None or a floating-point tensor, got {got}")
             if tuple(bias.shape) != (c.shape[0],):
                 raise ValueError(f"bias must have shape ({c.shape[0]},) (one entry per row of c), "
                                  f"got {tuple(bias.shape)}")

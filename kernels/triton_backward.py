@@ -300,7 +300,8 @@ def backward(
             flags = torch.empty((n_blocks, cb), dtype=torch.int32, device=e.device)
             _dlogits_kernel[(n_blocks, cb)](
                 e, c, targets, lse if bias is None else bias, lse, grad_scale, keep, dl, flags,
-                *(entropy or (lse, lse)), n, v, d, vocab_start, v0, vc, v_blocks, cb, eps, float(target_weight),
+                *(entropy or (lse, lse)), n, v, d, vocab_start, v0, vc, v_blocks, cb, eps,
+                float(target_weight),
                 float(uniform_weight), float(softcap), float(logit_scale),
                 e.stride(0), e.stride(1), c.stride(0), c.stride(1), dl.stride(0),
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=cfg.block_d, FILTER=use_filter,

@@ -37,7 +37,8 @@ def build_model(args):
 
     if args.model:
         return transformers.AutoModelForCausalLM.from_pretrained(args.model)
-    kw = dict(vocab_size=args.vocab_size, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+    kw = dict(vocab_size=args.vocab_size, hidden_size=args.hidden,
+              intermediate_size=4 * args.hidden,
               num_hidden_layers=args.layers, num_attention_heads=args.heads,
               num_key_value_heads=args.heads, max_position_embeddings=args.seq_len,
               head_dim=args.hidden // args.heads)

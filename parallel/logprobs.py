@@ -1,7 +1,8 @@
 """The autograd function behind ``cce_dist.linear_logprobs_entropy``: per-token log-probabilities
 of the targets and entropies of the softmax, without the N x V logits.
 
-With ``z = e @ c.T * logit_scale`` (1 / temperature, applied in fp32) over all vocabulary rows (all shards):
+With ``z = e @ c.T * logit_scale`` (1 / temperature, applied in fp32) over all vocabulary rows
+(all shards):
 
 * ``logprob_n = z_{n, t_n} - LSE_n`` (0 at ignored tokens);
 * ``entropy_n = LSE_n - sum_j p_{n, j} z_{n, j}`` (0 at ignored tokens).

@@ -347,7 +347,8 @@ def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_
     from cce_dist.kernels.tiles import default_config
 
     cfg = replace(default_config(torch.device("cpu")), gemm_chunk_v=chunk,
-                  gemm_fw_chunk_v=fw_chunk, gemm_stats_cols=cols, gemm_stats_n=stats_n, gemm_tail_bytes=tail_bytes,
+                  gemm_fw_chunk_v=fw_chunk, gemm_stats_cols=cols, gemm_stats_n=stats_n,
+                  gemm_tail_bytes=tail_bytes,
                   max_lent_fraction=lend, lent_chunk_v=chunk, chunk_v=chunk + 16,
                   tail_chunk_v=max(16, chunk // 2))
     g = torch.Generator().manual_seed(seed)

@@ -166,7 +166,8 @@ def linear_cross_entropy(
 
 
 class LinearCrossEntropy(nn.Module):
-    """Module form of :func:`linear_cross_entropy`: ``forward(e, c, targets)``."""
+    """Module form of :func:`linear_cross_entropy`: ``forward(e, c, targets, vocab_start=None,
+    bias=None)``; the other options are the module's."""
 
     def __init__(
         self,
@@ -179,10 +180,12 @@ class LinearCrossEntropy(nn.Module):
         backend: str = "auto",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        softcap: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
+        self.softcap = softcap
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.filter_eps = filter_eps
@@ -192,16 +195,17 @@ class LinearCrossEntropy(nn.Module):
 
     def forward(
         self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
-        vocab_start: Optional[int] = None,
+        vocab_start: Optional[int] = None, bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return linear_cross_entropy(
             e, c, targets, ignore_index=self.ignore_index, reduction=self.reduction,
             filter_eps=self.filter_eps, vocab_start=vocab_start, group=self.group,
             sequence_parallel=self.sequence_parallel, backend=self.backend,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, bias=bias,
+            softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={getattr(self, name)!r}" for name in (
-            "label_smoothing", "z_loss") if getattr(self, name))
+            "label_smoothing", "z_loss", "softcap") if getattr(self, name))
         return f"reduction={self.reduction!r}, filter_eps={self.filter_eps!r}{extra}"

@@ -265,3 +265,15 @@ def test_bias_and_softcap_vocabulary_parallel(sizes):
     """Uneven shards over gloo (world 2 and 3), sequence parallel on and off: each rank's bias
     shard and its gradient, the softcap with label smoothing and z-loss."""
     run_ranks(len(sizes), _vp_bias_worker, sizes)
+
+
+def test_module_form_takes_the_options():
+    from cce_dist import LinearCrossEntropy
+
+    e, c, t = _inputs(20, 16, 40, torch.float32, seed=3)
+    bias = torch.randn(40)
+    module = LinearCrossEntropy(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, filter_eps=None)
+    want = linear_cross_entropy(e, c, t, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                                filter_eps=None, bias=bias)
+    assert torch.equal(module(e, c, t, bias=bias), want)
+    assert "softcap=4.0" in repr(module)

@@ -9,7 +9,9 @@ It keeps what ``transformers``' own causal-LM loss does: labels shifted by one (
 ``shift_labels`` keyword), ``ignore_index=-100``, the mean over non-ignored tokens, or the sum
 divided by ``num_items_in_batch`` when the Trainer passes it (gradient accumulation), tied input
 and output embeddings (the one weight gets both gradients), a bias on the output layer, and
-Gemma's ``final_logit_softcapping``.
+Gemma's ``final_logit_softcapping``, Granite's and Cohere's logit scales, and a mixture of
+experts' router loss (``aux_loss`` times ``router_aux_loss_coef``, added as transformers adds
+it when labels are given).
 
 How: the model's own ``forward`` runs with ``labels=None`` while its output embedding, for that
 call, records the hidden states it is given and returns an empty tensor instead of the logits;
@@ -20,6 +22,7 @@ Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text).
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Optional, Union
 
@@ -59,10 +62,22 @@ def patch(
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = _logit_scale(model, text_config)
+    aux_coef = getattr(model, "router_aux_loss_coef",
+                       getattr(text_config, "router_aux_loss_coef", 0.0))
+    signature = inspect.signature(original)
 
-    def forward(self, *args, labels: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, *args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)  # labels may come positionally
+        labels = bound.arguments.get("labels")
         if labels is None:
             return original(*args, **kwargs)
+        bound.arguments["labels"] = None
+        args, kwargs = bound.args, dict(bound.kwargs)
+        # Work on the ModelOutput; a caller that asked for tuples gets one at the end.
+        want_tuple = kwargs.get("return_dict") is False or (
+            kwargs.get("return_dict") is None and getattr(config, "use_return_dict", True) is False)
+        kwargs["return_dict"] = True
         captured = []
 
         def record(hidden: torch.Tensor) -> torch.Tensor:
@@ -71,23 +86,61 @@ def patch(
 
         head.forward = record
         try:
-            outputs = original(*args, labels=None, **kwargs)
+            outputs = original(*args, **kwargs)
         finally:
             del head.forward
         if len(captured) != 1:
             raise RuntimeError(f"patch(): expected the output embedding to be applied once, it "
                                f"was applied {len(captured)} times")
+        hidden = captured[0] if scale == 1.0 else captured[0] * scale
         loss = _causal_lm_loss(
-            captured[0], head, labels, kwargs.get("num_items_in_batch"),
+            hidden, head, labels, kwargs.get("num_items_in_batch"),
             kwargs.get("shift_labels"), softcap, filter_eps, backend)
+        if outputs.get("aux_loss") is not None:  # MoE routers: as transformers adds it
+            loss = loss + aux_coef * outputs["aux_loss"].to(loss.device)
         # A fresh output, loss first (outputs[0] is the loss, as transformers returns it) and
         # no logits entry (assigning None to a ModelOutput attribute keeps the dict's value).
         rest = {k: v for k, v in outputs.items() if k not in ("loss", "logits")}
-        return type(outputs)(loss=loss, **rest)
+        out = type(outputs)(loss=loss, **rest)
+        return out.to_tuple() if want_tuple else out
 
     model._cce_dist_forward = original
     model.forward = types.MethodType(forward, model)
     return model
+
+
+# What a causal LM's forward may do to the logits after its output embedding, and how patch()
+# reproduces it: the softcap goes to the kernels, a scale multiplies the hidden states (exact
+# when it is a power of two, as Granite's and Cohere's are).
+_KNOWN_EPILOGUES = ("final_logit_softcapping", "torch.tanh(logits)", "self.config.logits_scaling",
+                    "self.logit_scale", ".float()")
+
+
+def _logit_scale(model: nn.Module, text_config) -> float:
+    """The factor a model's forward applies to its logits (Granite divides by
+    ``logits_scaling``, Cohere multiplies by ``logit_scale``); refuses a forward that does
+    something else to them after the output embedding."""
+    try:
+        source = inspect.getsource(type(model).forward).split("\n")
+    except (OSError, TypeError):
+        source = []
+    start = next((i for i, line in enumerate(source) if "self.lm_head(" in line), None)
+    if start is not None:
+        for line in source[start + 1:]:
+            code = line.split("#")[0].strip()
+            if "loss_function(" in code or code.startswith("return"):
+                break
+            if code.startswith("logits") and "=" in code and not any(
+                    known in code for known in _KNOWN_EPILOGUES):
+                raise NotImplementedError(
+                    f"patch(): {type(model).__name__}'s forward changes the logits after its "
+                    f"output layer in a way patch() does not reproduce: {code!r}")
+    scale = 1.0
+    if getattr(text_config, "logits_scaling", None):
+        scale /= float(text_config.logits_scaling)
+    if isinstance(getattr(model, "logit_scale", None), (int, float)):
+        scale *= float(model.logit_scale)
+    return scale
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -213,3 +213,59 @@ def test_example_runs(tmp_path):
                          r"peak_rss_mb=\d+ tokens_per_s_per_gpu=\d+", run.stdout), run.stdout
         first[name] = losses[0]
     assert abs(first["cce"] - first["native"]) < 2e-4 and abs(first["zero3"] - first["cce"]) < 2e-4
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_logit_scales(family):
+    """Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale:
+    the patched loss and gradients follow (head scaled up so that the scale matters)."""
+    kw = dict(SMALL, tie_word_embeddings=False)
+    kw.pop("head_dim")
+    if family == "granite":
+        config, cls = transformers.GraniteConfig(**kw, logits_scaling=8.0), \
+            transformers.GraniteForCausalLM
+    else:
+        config, cls = transformers.CohereConfig(**kw, logit_scale=0.0625), \
+            transformers.CohereForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = cls(config).float()
+    with torch.no_grad():
+        ref.get_output_embeddings().weight.mul_(50.0)
+    _compare(ref, patch(copy.deepcopy(ref)))
+
+
+def test_mixture_of_experts_router_loss():
+    """Mixtral adds router_aux_loss_coef * aux_loss to the loss when labels are given."""
+    kw = dict(SMALL, tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+              output_router_logits=True, router_aux_loss_coef=0.5)
+    config = transformers.MixtralConfig(**kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = transformers.MixtralForCausalLM(config).float()
+    _compare(ref, patch(copy.deepcopy(ref)))
+
+
+def test_positional_labels_and_tuples():
+    ref, got = _models("llama", tie=False)
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    names = list(__import__("inspect").signature(got._cce_dist_forward).parameters)
+    args = [None] * (names.index("labels") + 1)
+    args[names.index("input_ids")], args[-1] = ids, labels
+    assert rel_err(got(*args).loss, want.double()) < 1e-5
+    out = got(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and rel_err(out[0], want.double()) < 1e-5
+
+
+def test_refuses_an_unknown_logits_epilogue():
+    class Scaled(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids).last_hidden_state
+            logits = self.lm_head(hidden)
+            logits = logits + 1.0  # something patch() cannot know
+            return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+
+    config, _ = _config("llama", tie=False)
+    with pytest.raises(NotImplementedError, match="logits"):
+        patch(Scaled(config))

@@ -298,7 +298,9 @@ def vocab_parallel_linear_cross_entropy(
     meaning: the SP ranks' gradients add up to a single process's on the whole sequence).
     ``"none"``: the per-token losses in ``target``'s shape (0 where ignored), not reduced over
     ``sp_group``. ``chunk_size`` is accepted for compatibility and ignored (cce-dist chunks on
-    its own). Returns fp32 (fp64 for fp64 inputs).
+    its own). Mixed dtypes follow DeepSpeed (the autocast dtype, else hidden's and weight's
+    promoted one). A target outside the vocabulary raises on the CPU and gives NaN on CUDA
+    (DeepSpeed raises, after a host synchronization). Returns fp32 (fp64 for fp64 inputs).
     """
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
@@ -309,6 +311,12 @@ def vocab_parallel_linear_cross_entropy(
                          f"{vocab_start_index}) must equal weight's rows ({weight.shape[0]})")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    # DeepSpeed's dtype rule: the autocast dtype if autocast is on, else hidden's and weight's
+    # promoted dtype; the casts carry the gradients back to the inputs' dtypes.
+    device_type = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else torch.promote_types(hidden.dtype, weight.dtype))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     group = tp_group if _rank_world(tp_group)[1] > 1 else None
     if group is None and vocab_start_index not in (None, 0):
         raise ValueError(f"vocab_start_index must be 0 without a tensor-parallel group, got "

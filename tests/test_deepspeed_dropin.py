@@ -97,3 +97,19 @@ def _worker(rank, world, tp, bounds):
 ])
 def test_distributed(world, tp, bounds):
     run_ranks(world, _worker, tp, bounds)
+
+
+def test_mixed_dtypes_follow_deepspeed():
+    """bf16 hidden with an fp32 weight (as under autocast): DeepSpeed promotes both; so do we."""
+    import deepspeed  # noqa: F401
+
+    hidden, weight, bias, target = _data(2, 5)
+    from cce_dist.deepspeed import vocab_parallel_linear_cross_entropy as ours
+    from deepspeed.sequence.linear_cross_entropy import (
+        vocab_parallel_linear_cross_entropy as theirs_fn,
+    )
+
+    h = hidden.bfloat16()
+    a = ours(h, weight, target, bias=bias)
+    b = theirs_fn(h, weight, target, bias=bias)
+    assert a.dtype == torch.float32 and rel_err(a, b.double()) < 1e-5

@@ -28,6 +28,7 @@ from torch import nn
 from .loss import linear_cross_entropy
 from .parallel import vocab_range
 from .parallel.collectives import all_gather_dim0, group_device
+from .parallel.consistency import report_local_error
 
 TP_ATTRS = {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 1}
 
@@ -302,25 +303,20 @@ def vocab_parallel_linear_cross_entropy(
     promoted one). A target outside the vocabulary raises on the CPU and gives NaN on CUDA
     (DeepSpeed raises, after a host synchronization). Returns fp32 (fp64 for fp64 inputs).
     """
-    if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
-    if (vocab_start_index is None) != (vocab_end_index is None):
-        raise ValueError("vocab_start_index and vocab_end_index must be given together")
-    if vocab_start_index is not None and vocab_end_index - vocab_start_index != weight.shape[0]:
-        raise ValueError(f"vocab_end_index - vocab_start_index ({vocab_end_index} - "
-                         f"{vocab_start_index}) must equal weight's rows ({weight.shape[0]})")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    group = tp_group if _rank_world(tp_group)[1] > 1 else None
+    try:
+        _check_dropin_arguments(weight, reduction, vocab_start_index, vocab_end_index,
+                                chunk_size, group)
+    except ValueError:
+        if group is not None:  # the other ranks raise too instead of waiting in the check
+            report_local_error(group)
+        raise
     # DeepSpeed's dtype rule: the autocast dtype if autocast is on, else hidden's and weight's
     # promoted dtype; the casts carry the gradients back to the inputs' dtypes.
     device_type = hidden.device.type
     dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
              else torch.promote_types(hidden.dtype, weight.dtype))
     hidden, weight = hidden.to(dtype), weight.to(dtype)
-    group = tp_group if _rank_world(tp_group)[1] > 1 else None
-    if group is None and vocab_start_index not in (None, 0):
-        raise ValueError(f"vocab_start_index must be 0 without a tensor-parallel group, got "
-                         f"{vocab_start_index}")
     per_token = linear_cross_entropy(
         hidden, weight, target, bias=bias, group=group, ignore_index=ignore_index,
         reduction="none", vocab_start=vocab_start_index if group is not None else None)
@@ -338,3 +334,19 @@ def vocab_parallel_linear_cross_entropy(
     total = loss.detach().clone()
     dist.all_reduce(total, group=sp)
     return loss + (total - loss.detach())  # the SP-global value; the gradient of the local part
+
+
+def _check_dropin_arguments(weight, reduction, vocab_start_index, vocab_end_index, chunk_size,
+                            group) -> None:
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if (vocab_start_index is None) != (vocab_end_index is None):
+        raise ValueError("vocab_start_index and vocab_end_index must be given together")
+    if vocab_start_index is not None and vocab_end_index - vocab_start_index != weight.shape[0]:
+        raise ValueError(f"vocab_end_index - vocab_start_index ({vocab_end_index} - "
+                         f"{vocab_start_index}) must equal weight's rows ({weight.shape[0]})")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if group is None and vocab_start_index not in (None, 0):
+        raise ValueError(f"vocab_start_index must be 0 without a tensor-parallel group, got "
+                         f"{vocab_start_index}")

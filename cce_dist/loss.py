@@ -26,6 +26,42 @@ def _world_size(group, sequence_parallel: bool) -> int:
     return dist.get_world_size(group)
 
 
+def check_vocab_start(vocab_start) -> None:
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    ):
+        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+
+
+def flat_inputs(e, c, targets, group, vocab_start, ignore_index, **fields):
+    """e (..., D) -> (N, D), targets -> contiguous (N,), c and e row-contiguous, and this
+    shard's first global row and the vocabulary size: 0 and c's rows without a group, else the
+    layout every rank of ``group`` checked (``fields``: the call's options, which the ranks
+    must share; see ``shard_layout``). Targets outside the vocabulary raise on the CPU."""
+    d = e.shape[-1]
+    e2 = e.reshape(-1, d)
+    # The kernels read targets with unit stride; a strided view (t[::2], expand, labels[:, -1:])
+    # becomes a copy of N integers here.
+    t1 = targets.reshape(-1).contiguous()
+    if group is None:
+        if vocab_start not in (None, 0):
+            raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")
+        start, vocab_size = 0, c.shape[0]
+    else:
+        layout = shard_layout(
+            group, rows=e2.shape[0], d=d, shard_rows=c.shape[0], vocab_start=vocab_start,
+            dtype=e.dtype, ignore_index=ignore_index, num_targets=t1.numel(), **fields,
+        )
+        start, vocab_size = layout.vocab_start, layout.vocab_size
+    check_target_range(targets, vocab_size, ignore_index)
+    # The kernels take a row-contiguous e and c; a copy here is rare and explicit.
+    if e2.stride(-1) != 1:
+        e2 = e2.contiguous()
+    if c.stride(-1) != 1:
+        c = c.contiguous()
+    return e2, c, t1, start, vocab_size
+
+
 def linear_cross_entropy(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -123,38 +159,17 @@ def linear_cross_entropy(
                                  f"got {tuple(bias.shape)}")
             if bias.device != c.device:
                 raise ValueError(f"bias must be on c's device {c.device}, got {bias.device}")
-        if vocab_start is not None and (
-            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
-        ):
-            raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+        check_vocab_start(vocab_start)
     except (TypeError, ValueError):
         if group is not None:
             report_local_error(group)
         raise
-    d = e.shape[-1]
-    e2 = e.reshape(-1, d)
-    # The kernels read targets with unit stride; a strided view (t[::2], expand, labels[:, -1:])
-    # becomes a copy of N integers here.
-    t1 = targets.reshape(-1).contiguous()
-    if group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")
-        start, vocab_size = 0, c.shape[0]
-    else:
-        layout = shard_layout(
-            group, rows=e2.shape[0], d=d, shard_rows=c.shape[0], vocab_start=vocab_start,
-            dtype=e.dtype, reduction=reduction, ignore_index=ignore_index,
-            sequence_parallel=sequence_parallel, num_targets=t1.numel(), filter_eps=eps,
-            label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-            softcap=float(softcap or 0.0), has_bias=bias is not None,
-        )
-        start, vocab_size = layout.vocab_start, layout.vocab_size
-    check_target_range(targets, vocab_size, ignore_index)
-    # The kernels take a row-contiguous e and c; a copy here is rare and explicit.
-    if e2.stride(-1) != 1:
-        e2 = e2.contiguous()
-    if c.stride(-1) != 1:
-        c = c.contiguous()
+    e2, c, t1, start, vocab_size = flat_inputs(
+        e, c, targets, group, vocab_start, ignore_index,
+        reduction=reduction, sequence_parallel=sequence_parallel, filter_eps=eps,
+        label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=float(softcap or 0.0), has_bias=bias is not None,
+    )
     loss, lse = LinearCrossEntropyFunction.apply(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),

@@ -8,12 +8,11 @@ from typing import Optional, Union
 import torch
 
 from cce_dist.kernels import BACKENDS, resolve_backend
-from cce_dist.parallel import shard_layout
 from cce_dist.parallel.consistency import report_local_error
 from cce_dist.parallel.logprobs import LogprobsEntropyFunction
 
-from .loss import _world_size
-from .validation import check_inputs, check_target_range
+from .loss import _world_size, check_vocab_start, flat_inputs
+from .validation import check_inputs
 
 
 def linear_logprobs_entropy(
@@ -65,34 +64,16 @@ def linear_logprobs_entropy(
             0.0 < temperature and math.isfinite(temperature)
         ):
             raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
-        if vocab_start is not None and (
-            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
-        ):
-            raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}")
+        check_vocab_start(vocab_start)
     except (TypeError, ValueError):
         if group is not None:
             report_local_error(group)
         raise
-    d = e.shape[-1]
-    e2 = e.reshape(-1, d)
-    t1 = targets.reshape(-1).contiguous()
-    if group is None:
-        if vocab_start not in (None, 0):
-            raise ValueError(f"vocab_start must be None or 0 without a group, got {vocab_start!r}")
-        start, vocab_size = 0, c.shape[0]
-    else:
-        layout = shard_layout(
-            group, rows=e2.shape[0], d=d, shard_rows=c.shape[0], vocab_start=vocab_start,
-            dtype=e.dtype, reduction="none", ignore_index=ignore_index,
-            sequence_parallel=sequence_parallel, num_targets=t1.numel(), filter_eps=eps,
-            function=1, temperature=float(temperature),
-        )
-        start, vocab_size = layout.vocab_start, layout.vocab_size
-    check_target_range(targets, vocab_size, ignore_index)
-    if e2.stride(-1) != 1:
-        e2 = e2.contiguous()
-    if c.stride(-1) != 1:
-        c = c.contiguous()
+    e2, c, t1, start, vocab_size = flat_inputs(
+        e, c, targets, group, vocab_start, ignore_index, reduction="none",
+        sequence_parallel=sequence_parallel, filter_eps=eps, function=1,
+        temperature=float(temperature),
+    )
     logprobs, entropy = LogprobsEntropyFunction.apply(
         e2, c, t1, ignore_index, eps, start, vocab_size, resolve_backend(backend, e2), group,
         sequence_parallel, 1.0 / temperature,

@@ -31,7 +31,7 @@ from .filtering import GradFilter, keep_tiles
 from .tiles import (
     BlockConfig, cast_out, dot_precision, finish_logits, local_targets, logits_grad,
 )
-from .triton_backward import workspace_split
+from .triton_backward import workspace_split, zero_gradients
 
 
 @triton.jit
@@ -280,10 +280,7 @@ def backward(
     targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
     de_dtype = torch.float32 if de_fp32 else e.dtype
     if n == 0 or v == 0:
-        de = torch.zeros(e.shape, dtype=de_dtype, device=e.device)
-        if on_de_ready is not None:
-            on_de_ready(de)
-        return de, torch.zeros(c.shape, dtype=c.dtype, device=c.device)
+        return zero_gradients(e, c, de_fp32, on_de_ready)
     bn, bv = cfg.block_n, cfg.block_v
     dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     keep = lse  # unused by the kernel without a filter

@@ -190,6 +190,14 @@ def _de_kernel(
     tl.store(de_ptrs, acc, mask=mask)
 
 
+def zero_gradients(e, c, de_fp32, on_de_ready):
+    """No token or no row: dE and dC exactly zero (not uninitialized memory)."""
+    de = torch.zeros(e.shape, dtype=torch.float32 if de_fp32 else e.dtype, device=e.device)
+    if on_de_ready is not None:
+        on_de_ready(de)
+    return de, torch.zeros(c.shape, dtype=c.dtype, device=c.device)
+
+
 def _kept_tile_lists(flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per column and per row of the (n_blocks, chunk_blocks) flags: kept tile indices first."""
     dropped = (flags == 0).to(torch.int8)
@@ -267,12 +275,7 @@ def backward(
     # The kernels read these (N,) vectors with unit stride.
     targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
     if n == 0 or v == 0:
-        # No token: dC is exactly zero (not uninitialized memory), and so is dE.
-        dc = torch.zeros(c.shape, dtype=c.dtype, device=c.device)
-        de = torch.zeros(e.shape, dtype=torch.float32 if de_fp32 else e.dtype, device=e.device)
-        if on_de_ready is not None:
-            on_de_ready(de)
-        return de, dc
+        return zero_gradients(e, c, de_fp32, on_de_ready)
     # Row-major whatever c's strides: the workspace views dC's tail rows as flat bytes.
     dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     use_filter = grad_filter is not None

@@ -22,6 +22,13 @@ def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def gather_stats(rows: list[torch.Tensor], group) -> torch.Tensor:
+    """Per-token statistics of this rank's shard, k rows of (N,) -> (world, k, N), every rank's,
+    in one all-gather."""
+    stats = all_gather_dim0(torch.stack(rows), group)
+    return stats.view(dist.get_world_size(group), len(rows), rows[0].shape[0])
+
+
 def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     """(world * n, ...) on each rank -> this rank's (n, ...) slice of the sum over ranks."""
     world = dist.get_world_size(group)

@@ -24,7 +24,9 @@ from torch._C import _functions
 
 from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
 
-from .collectives import all_gather_dim0, all_reduce_, reduce_scatter_dim0, start_reduction
+from .collectives import (
+    all_gather_dim0, all_reduce_, gather_stats, reduce_scatter_dim0, start_reduction,
+)
 
 # Start the dE reduction before dC is complete (see the module docstring); benchmarks turn it
 # off to measure what the overlap gains.
@@ -113,8 +115,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             e, c, targets, vocab_start, backend, smoothing, softcap, bias)
         if group is not None:
             rows = [lse, target_logit] + ([logit_sum] if smoothing else [])
-            stats = all_gather_dim0(torch.stack(rows), group)
-            stats = stats.view(torch.distributed.get_world_size(group), len(rows), lse.shape[0])
+            stats = gather_stats(rows, group)
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
             if smoothing:

@@ -22,7 +22,7 @@ import torch
 
 from cce_dist.kernels import cce_backward, cce_forward
 
-from .collectives import all_gather_dim0, all_reduce_, reduce_scatter_dim0
+from .collectives import all_gather_dim0, all_reduce_, gather_stats, reduce_scatter_dim0
 from .function import _first_order_only
 
 
@@ -51,8 +51,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         lse, target_logit, tile_max, mean = cce_forward(
             e, c, targets, vocab_start, backend, False, 0.0, None, True, logit_scale)
         if group is not None:
-            stats = all_gather_dim0(torch.stack([lse, target_logit, mean]), group)
-            stats = stats.view(torch.distributed.get_world_size(group), 3, lse.shape[0])
+            stats = gather_stats([lse, target_logit, mean], group)
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
             mean = (torch.exp(stats[:, 0] - lse) * stats[:, 2]).sum(dim=0)

@@ -88,6 +88,12 @@ def _worker(rank, world, tp, bounds):
         mine, theirs = _both(hidden[:, tokens], weight, bias, target[:, tokens], slice(lo, hi),
                              reduction=reduction, **kw)
         _compare(mine, theirs, (rank, reduction))
+    if tp > 1:  # one rank's bad bounds: every rank of its TP group raises, none waits
+        from cce_dist.deepspeed import vocab_parallel_linear_cross_entropy as ours
+
+        bad = dict(kw, vocab_start_index=lo, vocab_end_index=hi + (1 if tp_rank == 0 else 0))
+        with pytest.raises(ValueError, match="vocab_end_index|rejected"):
+            ours(hidden[:, tokens].clone(), weight[lo:hi].clone(), target[:, tokens], **bad)
 
 
 @pytest.mark.parametrize("world,tp,bounds", [

@@ -8,6 +8,12 @@ a torch AdamW step. Printed per model: the first loss (the two must agree), the 
 after ``--warmup`` steps, and rank 0's peak allocated memory during the timed steps: over the
 whole step, over forward + backward only, and that peak above what was allocated when the step
 began (weights, gradients, optimizer states): the activations' and the loss's share.
+
+``--ddp``: Megatron's real stack instead: ``Float16Module``, ``DistributedDataParallel`` (fp32
+gradient buffers, overlapped reduction), the distributed optimizer (``--dist-opt``), Adam, and
+``--micro`` micro-batches per step through Megatron's schedule. A third model is then timed:
+cce-dist with ``cce_main_grad=True``, whose output-layer gradient goes straight into DDP's fp32
+``main_grad`` (Megatron's gradient-accumulation fusion protocol).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.distributed as dist
 
 
 def build(kind: str, args, tp: int):
+    """(model, padded vocabulary): ``kind`` is native, cce, or cce-main-grad."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -34,14 +41,82 @@ def build(kind: str, args, tp: int):
         ffn_hidden_size=4 * args.hidden, params_dtype=torch.bfloat16, bf16=True,
         hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
     )
+    if args.ddp:
+        cfg.params_dtype = torch.float32  # Float16Module casts; the optimizer keeps fp32 masters
     padded = -(-args.vocab // (128 * tp)) * (128 * tp)
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    cls = CCEGPTModel if kind == "cce" else GPTModel
-    model = cls(cfg, get_gpt_layer_local_spec(), vocab_size=padded,
-                max_sequence_length=args.seq, parallel_output=True,
-                share_embeddings_and_output_weights=False)
-    return model.cuda().bfloat16(), padded  # what Megatron's Float16Module does
+    kw = dict(vocab_size=padded, max_sequence_length=args.seq, parallel_output=True,
+              share_embeddings_and_output_weights=args.tied)
+    if kind == "native":
+        model = GPTModel(cfg, get_gpt_layer_local_spec(), **kw)
+    else:
+        model = CCEGPTModel(cfg, get_gpt_layer_local_spec(), cce_main_grad=kind == "cce-main-grad",
+                            cce_filter_eps=args.filter_eps, **kw)
+    if not args.ddp:
+        return model.cuda().bfloat16(), padded  # what Megatron's Float16Module does
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    model = Float16Module(cfg, model.cuda())
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+        use_distributed_optimizer=args.dist_opt), model)
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.no_sync_func, cfg.grad_sync_func = ddp.no_sync, ddp.start_grad_sync
+    return ddp, padded
+
+
+def ddp_step_stats(model, args) -> dict:
+    """Megatron's step: schedule over ``--micro`` micro-batches, then the Megatron optimizer."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-5, bf16=True, clip_grad=1.0,
+        use_distributed_optimizer=args.dist_opt), [model])
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, args.vocab, (args.micro, args.batch, args.seq + 1), generator=g)
+    tokens = tokens.cuda()
+    position = torch.arange(args.seq, device="cuda")[None].expand(args.batch, -1)
+    losses = []
+
+    def forward_step(data_iterator, model):
+        chunk = next(data_iterator)
+        out = model(chunk[:, :-1], position, None, labels=chunk[:, 1:])
+
+        def loss_func(per_token):
+            loss = per_token.float().mean()
+            return loss, {"loss": loss.detach()}
+        return out, loss_func
+
+    times, first, step_peak = [], None, 0.0
+    for step in range(args.warmup + args.iters):
+        timed = step >= args.warmup
+        if timed:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model.zero_grad_buffer()
+        opt.zero_grad()
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(tokens), model=[model],
+            num_microbatches=args.micro, seq_length=args.seq, micro_batch_size=args.batch,
+            forward_only=False)
+        opt.step()
+        end.record()
+        torch.cuda.synchronize()
+        losses.append(float(out[0]["loss"]))
+        if first is None:
+            first = losses[-1]
+        if timed:
+            times.append(start.elapsed_time(end))
+            step_peak = max(step_peak, torch.cuda.max_memory_allocated())
+    return dict(first_loss=first, last_loss=losses[-1], step_ms=statistics.median(times),
+                peak_mb=step_peak / 2.0 ** 20, micro=args.micro, dist_opt=args.dist_opt)
 
 
 def step_stats(model, args, padded) -> dict:
@@ -90,6 +165,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default="")
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--filter-eps", default="auto", type=lambda x: None if x == "none" else (
+        x if x == "auto" else float(x)))
+    p.add_argument("--ddp", action="store_true", help="Megatron's DDP, optimizer and schedule")
+    p.add_argument("--dist-opt", action="store_true", help="with --ddp: distributed optimizer")
+    p.add_argument("--micro", type=int, default=4, help="with --ddp: micro-batches per step")
     args = p.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
@@ -98,10 +179,12 @@ def main() -> None:
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     rows = []
-    for kind in ("native", "cce"):
+    kinds = ("native", "cce", "cce-main-grad") if args.ddp else ("native", "cce")
+    for kind in kinds:
         model, padded = build(kind, args, tp)
+        stats = ddp_step_stats(model, args) if args.ddp else step_stats(model, args, padded)
         row = dict(loss=kind, tp=tp, hidden=args.hidden, layers=args.layers, vocab=padded,
-                   seq=args.seq, batch=args.batch, **step_stats(model, args, padded))
+                   seq=args.seq, batch=args.batch, tied=args.tied, **stats)
         rows.append(row)
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)

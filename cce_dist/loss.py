@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch import nn
 
@@ -69,17 +67,18 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
-    filter_eps: Union[str, float, None] = "auto",
-    vocab_start: Optional[int] = None,
-    group: Optional["torch.distributed.ProcessGroup"] = None,
+    filter_eps: str | float | None = "auto",
+    vocab_start: int | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
     sequence_parallel: bool = False,
     backend: str = "auto",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     return_lse: bool = False,
-    bias: Optional[torch.Tensor] = None,
-    softcap: Optional[float] = None,
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    main_grad: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the logits ``e @ c.T`` against ``targets``, computed blockwise.
 
     Args:
@@ -115,6 +114,11 @@ def linear_cross_entropy(
         softcap: > 0: the logits (after the bias) become ``softcap * tanh(z / softcap)``
             (Gemma 2); label smoothing's mean, the z-loss and the filter all see the capped
             logits. With label smoothing too, the backward runs unfiltered.
+        main_grad: Megatron-Core's gradient-accumulation fusion. When ``c`` is a parameter
+            under Megatron's ``DistributedDataParallel`` (it carries ``main_grad`` and
+            ``grad_added_to_main_grad``), the backward adds dC into ``c.main_grad`` (in fp32
+            on the default engine) instead of returning a (V, D) gradient, and follows
+            Megatron's protocol (``cce_dist/parallel/main_grad.py``). Otherwise no effect.
 
     Returns:
         The loss (with ``return_lse``: ``(loss, lse)``) in fp32 (fp64 for fp64 inputs),
@@ -174,6 +178,7 @@ def linear_cross_entropy(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
         float(z_loss), float(softcap or 0.0), None if bias is None else bias.contiguous(),
+        bool(main_grad),
     )
     if reduction == "none":
         loss = loss.reshape(targets.shape)
@@ -189,13 +194,13 @@ class LinearCrossEntropy(nn.Module):
         *,
         ignore_index: int = -100,
         reduction: str = "mean",
-        filter_eps: Union[str, float, None] = "auto",
-        group: Optional["torch.distributed.ProcessGroup"] = None,
+        filter_eps: str | float | None = "auto",
+        group: torch.distributed.ProcessGroup | None = None,
         sequence_parallel: bool = False,
         backend: str = "auto",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
-        softcap: Optional[float] = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
@@ -210,7 +215,7 @@ class LinearCrossEntropy(nn.Module):
 
     def forward(
         self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
-        vocab_start: Optional[int] = None, bias: Optional[torch.Tensor] = None,
+        vocab_start: int | None = None, bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return linear_cross_entropy(
             e, c, targets, ignore_index=self.ignore_index, reduction=self.reduction,

@@ -22,13 +22,13 @@ On megatron-core 0.18+, whose ``GPTModel.forward`` takes ``output_processor=``, 
 from __future__ import annotations
 
 import contextlib
-from typing import Union
 
 import torch
 
 try:
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel import ColumnParallelLinear
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "cce_dist.megatron needs megatron-core: pip install 'cce-dist[megatron]'"
@@ -52,22 +52,26 @@ def _output_multiplier(config) -> float:
     return 1.0
 
 
-def _lm_loss(hidden_states, weight, labels, output_layer, config, filter_eps):
+def _lm_loss(hidden_states, weight, labels, output_layer, config, filter_eps, main_grad,
+             reduction="none", ignore_index=-100, mup=True):
     """Per-token loss [b, s] (fp32) from hidden states [s (/tp with SP), b, h] and labels [b, s],
-    over the output layer's tensor-parallel group and sequence-parallel setting."""
+    over the output layer's tensor-parallel group and sequence-parallel setting (a scalar for
+    another ``reduction``); with ``main_grad``, the weight's gradient goes straight into its
+    DDP ``main_grad``."""
     group = getattr(output_layer, "tp_group", None)
     if group is None:
         group = parallel_state.get_tensor_model_parallel_group()
     single = torch.distributed.get_world_size(group) == 1
-    multiplier = _output_multiplier(config)
+    multiplier = _output_multiplier(config) if mup else 1.0
     if multiplier != 1.0:
         hidden_states = hidden_states * multiplier
     loss = linear_cross_entropy(
-        hidden_states, weight, labels.transpose(0, 1).contiguous(), reduction="none",
-        filter_eps=filter_eps, group=None if single else group,
+        hidden_states, weight, labels.transpose(0, 1).contiguous(), reduction=reduction,
+        ignore_index=ignore_index, filter_eps=filter_eps, group=None if single else group,
         sequence_parallel=bool(output_layer.sequence_parallel) and not single,
+        main_grad=main_grad,
     )
-    return loss.transpose(0, 1).contiguous()
+    return loss.transpose(0, 1).contiguous() if reduction == "none" else loss
 
 
 def _check_output_layer(output_layer, parallel_output: bool, who: str) -> None:
@@ -81,11 +85,19 @@ def _check_output_layer(output_layer, parallel_output: bool, who: str) -> None:
 
 
 class CCEGPTModel(GPTModel):
-    """``GPTModel`` whose language-model loss is cce-dist's vocabulary-parallel CCE."""
+    """``GPTModel`` whose language-model loss is cce-dist's vocabulary-parallel CCE.
 
-    def __init__(self, *args, cce_filter_eps: Union[str, float, None] = "auto", **kwargs):
+    ``cce_filter_eps``: the loss's ``filter_eps``. ``cce_main_grad``: add the output weight's
+    gradient straight into its fp32 ``main_grad`` under Megatron's DDP (no (V/tp, D) gradient
+    tensor, no bf16 rounding per micro-batch); None (default) follows the config's
+    ``gradient_accumulation_fusion``, as Megatron's own output layer does. ``True`` turns it on
+    without that setting, whose other layers need APEX's or Transformer Engine's kernels."""
+
+    def __init__(self, *args, cce_filter_eps: str | float | None = "auto",
+                 cce_main_grad: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.cce_filter_eps = cce_filter_eps
+        self.cce_main_grad = cce_main_grad
         if self.post_process:
             _check_output_layer(self.output_layer, self.parallel_output, "CCEGPTModel")
 
@@ -112,8 +124,11 @@ class CCEGPTModel(GPTModel):
             if self.share_embeddings_and_output_weights
             else self.output_layer.weight
         )
+        main_grad = self.cce_main_grad
+        if main_grad is None:
+            main_grad = bool(self.config.gradient_accumulation_fusion)
         return _lm_loss(hidden_states, weight, labels, self.output_layer, self.config,
-                        self.cce_filter_eps)
+                        self.cce_filter_eps, main_grad)
 
 
 def cce_output_processor(
@@ -132,7 +147,8 @@ def cce_output_processor(
     """``GPTModel.forward(..., output_processor=cce_output_processor)`` (megatron-core 0.18+).
 
     With labels: the per-token loss [b, s] from cce-dist (``context`` may be a dict with
-    ``filter_eps``). Without labels: Megatron's own logits [b, s, v/tp], as without a processor.
+    ``filter_eps`` and ``main_grad``; the latter defaults to the config's
+    ``gradient_accumulation_fusion``, see :class:`CCEGPTModel`). Without labels: Megatron's own logits [b, s, v/tp], as without a processor.
     Multi-token prediction has already run when the processor is called, so it composes with it.
     Refuses inference (pass no processor there) and what CCE cannot honour (gathered logits,
     an output-layer bias).
@@ -148,8 +164,53 @@ def cce_output_processor(
     gather = runtime_gather_output
     parallel_output = not (gather if gather is not None else output_layer.gather_output)
     _check_output_layer(output_layer, parallel_output, "cce_output_processor")
-    filter_eps = context.get("filter_eps", "auto") if isinstance(context, dict) else "auto"
-    return _lm_loss(hidden_states, weight, labels, output_layer, config, filter_eps)
+    context = context if isinstance(context, dict) else {}
+    main_grad = context.get("main_grad", bool(config.gradient_accumulation_fusion))
+    return _lm_loss(hidden_states, weight, labels, output_layer, config,
+                    context.get("filter_eps", "auto"), main_grad)
+
+
+class CCELinearCrossEntropyModule(ColumnParallelLinear):
+    """The interface of Megatron-LM's ``LinearCrossEntropyModule``, computed by cce-dist.
+
+    Megatron-LM's main branch builds its output layer as ``LinearCrossEntropyModule`` (a
+    ``ColumnParallelLinear`` whose forward returns the loss when asked) under
+    ``cross_entropy_fusion_impl='linear'``, with a Blackwell-only kernel. Released
+    megatron-core (up to 0.19.2) has no such module; this class offers the same forward on any
+    GPU that runs Triton, for code written against that interface:
+
+    ``forward(input_ [s, b, h], weight=None, runtime_gather_output=None,
+    output_cross_entropy_loss=False, labels=None [b, s], reduction="none", ignore_index=-100)``
+    returns ``ColumnParallelLinear``'s ``(logits, bias)`` without ``output_cross_entropy_loss``,
+    else the loss: [b, s] fp32 for ``reduction="none"``, a scalar otherwise. Constructor: that of
+    ``ColumnParallelLinear``, plus ``cce_filter_eps`` and ``cce_main_grad`` (see
+    :class:`CCEGPTModel`; None follows ``gradient_accumulation_fusion``). ``gather_output`` and
+    a bias are refused for the loss, as in :class:`CCEGPTModel`.
+    """
+
+    def __init__(self, *args, cce_filter_eps: Union[str, float, None] = "auto",
+                 cce_main_grad: Optional[bool] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cce_filter_eps = cce_filter_eps
+        self.cce_main_grad = cce_main_grad
+
+    def forward(self, input_, weight=None, runtime_gather_output=None,
+                output_cross_entropy_loss: bool = False, labels=None, reduction: str = "none",
+                ignore_index: int = -100):
+        if not output_cross_entropy_loss:
+            return super().forward(input_, weight, runtime_gather_output)
+        if labels is None:
+            raise ValueError("CCELinearCrossEntropyModule: output_cross_entropy_loss=True needs "
+                             "labels [b, s]")
+        gather = runtime_gather_output
+        _check_output_layer(self, not (gather if gather is not None else self.gather_output),
+                            "CCELinearCrossEntropyModule")
+        main_grad = self.cce_main_grad
+        if main_grad is None:
+            main_grad = bool(self.config.gradient_accumulation_fusion)
+        return _lm_loss(input_, self.weight if weight is None else weight, labels, self,
+                        self.config, self.cce_filter_eps, main_grad, reduction, ignore_index,
+                        mup=False)  # the module is the plain product, as Megatron-LM's
 
 
 def cpu_shims() -> None:

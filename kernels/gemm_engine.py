@@ -21,7 +21,7 @@ filter, whose point is to skip tiles, runs on the fused tile kernels of ``triton
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import triton
@@ -29,7 +29,12 @@ import triton.language as tl
 
 from .filtering import GradFilter, keep_tiles
 from .tiles import (
-    BlockConfig, cast_out, dot_precision, finish_logits, local_targets, logits_grad,
+    BlockConfig,
+    cast_out,
+    dot_precision,
+    finish_logits,
+    local_targets,
+    logits_grad,
 )
 from .triton_backward import workspace_split, zero_gradients
 
@@ -200,7 +205,7 @@ def forward(
     cfg: BlockConfig,
     sum_logits: bool = False,
     softcap: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     mean_logit: bool = False,
     logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,23 +261,26 @@ def backward(
     lse: torch.Tensor,
     grad_scale: torch.Tensor,
     vocab_start: int,
-    grad_filter: Optional[GradFilter],
+    grad_filter: GradFilter | None,
     tile_max: torch.Tensor,
     cfg: BlockConfig,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     target_weight: float = 1.0,
     de_fp32: bool = False,
-    on_de_ready: Optional[Callable[[torch.Tensor], None]] = None,
+    on_de_ready: Callable[[torch.Tensor], None] | None = None,
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
-    dbias: Optional[torch.Tensor] = None,
-    entropy: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    bias: torch.Tensor | None = None,
+    dbias: torch.Tensor | None = None,
+    entropy: tuple[torch.Tensor, torch.Tensor] | None = None,
     logit_scale: float = 1.0,
+    dc_accum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
     skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
-    (V,), ``dbias`` (V,) fp32 receives its gradient."""
+    (V,), ``dbias`` (V,) fp32 receives its gradient. With ``dc_accum`` ((V, D) fp32), each
+    chunk's ``dl.T @ E`` is added into it by cuBLAS in fp32, and an empty tensor stands for
+    dC (the workspace then has storage of its own: there is no dC to lend it)."""
     if grad_filter is not None and grad_filter.kind != "budget":
         raise ValueError("the gemm engine takes no filter or the budget filter")
     n, d = e.shape
@@ -280,9 +288,11 @@ def backward(
     targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
     de_dtype = torch.float32 if de_fp32 else e.dtype
     if n == 0 or v == 0:
-        return zero_gradients(e, c, de_fp32, on_de_ready)
+        de, dc = zero_gradients(e, c, de_fp32, on_de_ready)
+        return de, (dc if dc_accum is None else dc.new_empty((0,)))
     bn, bv = cfg.block_n, cfg.block_v
-    dc = torch.empty(c.shape, dtype=c.dtype, device=c.device)
+    dc = (torch.empty(c.shape, dtype=c.dtype, device=c.device) if dc_accum is None
+          else c.new_empty((0,)))
     keep = lse  # unused by the kernel without a filter
     if grad_filter is not None:
         keep = keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v, grad_filter)
@@ -313,10 +323,12 @@ def backward(
                 state["de_started"] = True
                 if de_done is not None and v0 + vc >= hi:
                     de_done()  # before the last dC: the caller may start reducing dE
-            if want_dc:
+            if want_dc and dc_accum is not None:
+                _mm_fp32(dl.t(), e, dc_accum[v0:v0 + vc], accumulate=True)
+            elif want_dc:
                 _mm_cast(dl.t(), e, dc[v0:v0 + vc])
 
-    def buffers(raw: Optional[torch.Tensor], chunk: int):
+    def buffers(raw: torch.Tensor | None, chunk: int):
         """The chunk's fp32 logits and dl, in ``raw`` (bytes) or in their own allocation."""
         if raw is None:
             return (torch.empty((n * chunk,), dtype=torch.float32, device=e.device),
@@ -325,8 +337,8 @@ def backward(
                 raw[n * chunk * 4: n * chunk * (4 + size)].view(e.dtype))
 
     chunk = _chunk_rows(n, 1 << 62, cfg.gemm_chunk_v, bv, v)
-    split = workspace_split(n, d, v, chunk, bv, size, cfg.max_lent_fraction,
-                            chunk_itemsize=4 + size)
+    split = v if dc_accum is not None else workspace_split(
+        n, d, v, chunk, bv, size, cfg.max_lent_fraction, chunk_itemsize=4 + size)
     if split == v:  # no rows lent: the workspace has buffers of its own
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         out = {}

@@ -9,7 +9,7 @@ to the reference.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import triton
@@ -56,7 +56,7 @@ def tile_grid(
 @torch.library.custom_op("cce_dist::forward", mutates_args=())
 def cce_forward(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int, backend: str,
-    sum_logits: bool = False, softcap: float = 0.0, bias: Optional[torch.Tensor] = None,
+    sum_logits: bool = False, softcap: float = 0.0, bias: torch.Tensor | None = None,
     mean_logit: bool = False, logit_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, D), (V, D), (N,) -> lse (N,), target logit (N,) (fp32; fp64 for fp64 inputs), the
@@ -79,7 +79,7 @@ def cce_forward(
                              logit_scale=logit_scale)
 
 
-def _check_scale(logit_scale: float, bias: Optional[torch.Tensor]) -> None:
+def _check_scale(logit_scale: float, bias: torch.Tensor | None) -> None:
     if bias is not None and logit_scale != 1.0:
         raise ValueError("the kernels take a logit_scale (temperature) or a bias, not both")
 
@@ -97,7 +97,7 @@ def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=N
     )
 
 
-@torch.library.custom_op("cce_dist::backward", mutates_args=())
+@torch.library.custom_op("cce_dist::backward", mutates_args=("dc_accum",))
 def cce_backward(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -106,17 +106,18 @@ def cce_backward(
     grad_scale: torch.Tensor,
     tile_max: torch.Tensor,
     vocab_start: int,
-    filter_eps: Optional[float],
+    filter_eps: float | None,
     backend: str,
     de_fp32: bool = False,
     vocab_size: int = -1,
     target_weight: float = 1.0,
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
-    ent_scale: Optional[torch.Tensor] = None,
-    mean_logit: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    ent_scale: torch.Tensor | None = None,
+    mean_logit: torch.Tensor | None = None,
     logit_scale: float = 1.0,
+    dc_accum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
     LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a
@@ -129,19 +130,23 @@ def cce_backward(
     softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`;
     ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
     the logits' gradient (an entropy's, weighed by minus its upstream gradient);
-    ``logit_scale``: as in :func:`cce_forward`."""
+    ``logit_scale``: as in :func:`cce_forward`; ``dc_accum``: a (V, D) float buffer (a
+    gradient accumulator, e.g. Megatron's fp32 ``main_grad``) to which dC is added instead of
+    being returned (dC is then an empty tensor); the default engine adds each chunk's product
+    into an fp32 accumulator without rounding it to c's dtype first."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit, logit_scale)
+                     ent_scale, mean_logit, logit_scale, dc_accum)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
+      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, dc_accum=None):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
+    dc = torch.empty_like(c) if dc_accum is None else c.new_empty((0,))
+    return torch.empty_like(e, dtype=de_dtype), dc, dbias
 
 
 def cce_backward_notify(
@@ -152,17 +157,18 @@ def cce_backward_notify(
     grad_scale: torch.Tensor,
     tile_max: torch.Tensor,
     vocab_start: int,
-    filter_eps: Optional[float],
+    filter_eps: float | None,
     backend: str,
     on_de_ready: Callable[[torch.Tensor], None],
     vocab_size: int = -1,
     target_weight: float = 1.0,
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
-    ent_scale: Optional[torch.Tensor] = None,
-    mean_logit: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
+    ent_scale: torch.Tensor | None = None,
+    mean_logit: torch.Tensor | None = None,
     logit_scale: float = 1.0,
+    dc_accum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` with ``de_fp32`` that calls ``on_de_ready(de)`` as soon as the
     partial dE is final, before the rest of dC (Triton; the reference calls it at the end).
@@ -172,13 +178,18 @@ def cce_backward_notify(
     """
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      True, on_de_ready, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit, logit_scale)
+                     ent_scale, mean_logit, logit_scale, dc_accum)
 
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
               de_fp32, on_de_ready, vocab_size, target_weight, softcap=0.0, uniform_weight=0.0,
-              bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
+              bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, dc_accum=None):
     _check_scale(logit_scale, bias)
+    if dc_accum is not None and (dc_accum.shape != c.shape or not dc_accum.is_floating_point()
+                                 or dc_accum.device != c.device):
+        raise ValueError(f"dc_accum must be a float tensor of c's shape {tuple(c.shape)} on "
+                         f"{c.device}, got {dc_accum.dtype} {tuple(dc_accum.shape)} on "
+                         f"{dc_accum.device}")
     grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     dbias = None
@@ -190,13 +201,14 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
     options = dict(softcap=softcap, uniform_weight=uniform_weight, bias=bias, dbias=dbias,
                    entropy=entropy, logit_scale=logit_scale)
     de, dc = _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter,
-                              backend, de_fp32, on_de_ready, vocab_size, target_weight, options)
+                              backend, de_fp32, on_de_ready, vocab_size, target_weight, options,
+                              dc_accum)
     dbias = c.new_empty((0,)) if bias is None else dbias.to(bias.dtype)
     return de, dc, dbias
 
 
 def _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter, backend,
-                     de_fp32, on_de_ready, vocab_size, target_weight, options):
+                     de_fp32, on_de_ready, vocab_size, target_weight, options, dc_accum=None):
     if backend == "triton":
         from . import gemm_engine, triton_backward
 
@@ -204,15 +216,27 @@ def _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad
         # cuBLAS products unless the per-entry filter can skip tiles (kernels/tiles.py).
         gemm = cfg.gemm and gemm_engine.supported(e) and (
             grad_filter is None or grad_filter.kind == "budget")
-        return (gemm_engine if gemm else triton_backward).backward(
-            e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, cfg,
-            de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
-            target_weight=target_weight, **options,
-        )
+        kw = dict(de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
+                  target_weight=target_weight, **options)
+        if gemm and (dc_accum is None or dc_accum.dtype == torch.float32):
+            return gemm_engine.backward(e, c, targets, lse, grad_scale, vocab_start, grad_filter,
+                                        tile_max, cfg, dc_accum=dc_accum, **kw)
+        de, dc = triton_backward.backward(e, c, targets, lse, grad_scale, vocab_start,
+                                          grad_filter, tile_max, cfg, **kw)
+        return de, _accumulate(dc, dc_accum)
     de, dc = reference.backward(
         e, c, targets, lse, grad_scale, vocab_start, grad_filter, tile_max, de_fp32=de_fp32,
         vocab_size=vocab_size, target_weight=target_weight, **options,
     )
     if on_de_ready is not None:
         on_de_ready(de)
-    return de, dc
+    return de, _accumulate(dc, dc_accum)
+
+
+def _accumulate(dc: torch.Tensor, dc_accum: torch.Tensor | None) -> torch.Tensor:
+    """Engines without an accumulating dC product: dC, added into ``dc_accum`` if given (then
+    an empty tensor stands for dC)."""
+    if dc_accum is None:
+        return dc
+    dc_accum.add_(dc)
+    return dc.new_empty((0,))

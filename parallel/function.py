@@ -17,16 +17,19 @@ With a group, ``c`` is this rank's contiguous vocabulary shard starting at globa
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
+from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
 from torch._C import _functions
 
-from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
-
 from .collectives import (
-    all_gather_dim0, all_reduce_, gather_stats, reduce_scatter_dim0, start_reduction,
+    all_gather_dim0,
+    all_reduce_,
+    gather_stats,
+    reduce_scatter_dim0,
+    start_reduction,
 )
+from .main_grad import main_grad_of, placeholder_grad
 
 # Start the dE reduction before dC is complete (see the module docstring); benchmarks turn it
 # off to measure what the overlap gains.
@@ -87,6 +90,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     fp64 inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at
     tokens whose target is outside [0, vocab_size) (no host sync needed to flag them); and the
     global LSE (N,), not differentiable.
+
+    ``main_grad``: when ``c`` is a parameter under Megatron's DDP, its gradient is added into
+    ``c.main_grad`` by the kernels, following Megatron's protocol (``parallel/main_grad.py``).
     """
 
     @staticmethod
@@ -97,7 +103,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         targets: torch.Tensor,
         ignore_index: int,
         reduction: str,
-        filter_eps: Optional[float],
+        filter_eps: float | None,
         vocab_start: int,
         vocab_size: int,
         backend: str,
@@ -106,7 +112,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float = 0.0,
-        bias: Optional[torch.Tensor] = None,
+        bias: torch.Tensor | None = None,
+        main_grad: bool = False,
     ) -> torch.Tensor:
         if group is not None and sequence_parallel:
             e = all_gather_dim0(e, group)
@@ -132,12 +139,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss, softcap)
+        ctx.param = c if main_grad else None  # the parameter itself: its main_grad at backward
         ctx.mark_non_differentiable(lse)
         return _reduce(per_token, valid, reduction), lse
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad_out: torch.Tensor, _grad_lse: Optional[torch.Tensor]):
+    def backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
         e, c, targets, lse, tile_max, valid, bias = ctx.saved_tensors
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
          label_smoothing, z_loss, softcap) = ctx.config
@@ -159,16 +167,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                    if label_smoothing and not in_kernel else None)
         if in_kernel:
             filter_eps = None
+        dc_accum = None if ctx.param is None else main_grad_of(ctx.param)
         kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing, softcap=softcap,
-                  uniform_weight=smooth if in_kernel else 0.0, bias=bias)
+                  uniform_weight=smooth if in_kernel else 0.0, bias=bias, dc_accum=dc_accum)
         if group is None:
             de, dc, dbias = cce_backward(
                 e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                 de_fp32=uniform is not None, **kw)
             if uniform is not None:
-                de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc)
+                de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc, dc_accum)
                 dbias = uniform.add_to_dbias(dbias)
-            return _grads(de, dc, dbias, bias)
+            return _grads(de, dc, dbias, bias, ctx.param, dc_accum)
         if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
             pending = []
 
@@ -190,13 +199,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
         if uniform is not None:
-            dc, dbias = uniform.add_to_dc(dc), uniform.add_to_dbias(dbias)
-        return _grads(de.to(e.dtype), dc, dbias, bias)
+            dc, dbias = uniform.add_to_dc(dc, dc_accum), uniform.add_to_dbias(dbias)
+        return _grads(de.to(e.dtype), dc, dbias, bias, ctx.param, dc_accum)
 
 
-def _grads(de, dc, dbias, bias):
-    """The Function's input gradients: e, c, None for the 12 options, then bias's."""
-    return (de, dc) + (None,) * 12 + (None if bias is None else dbias,)
+def _grads(de, dc, dbias, bias, param, dc_accum):
+    """The Function's input gradients: e, c (Megatron's placeholder once dC is in main_grad),
+    None for the 12 options, bias's, and None for ``main_grad``."""
+    if dc_accum is not None:
+        dc = placeholder_grad(param, dc_accum)
+    return (de, dc) + (None,) * 12 + (None if bias is None else dbias, None)
 
 
 class _UniformTerm:
@@ -220,5 +232,9 @@ class _UniformTerm:
         """de: (N, D) in the compute dtype, updated in place."""
         return de.add_(self.scale[:, None] * self.de_row)
 
-    def add_to_dc(self, dc: torch.Tensor) -> torch.Tensor:
+    def add_to_dc(self, dc: torch.Tensor, dc_accum: torch.Tensor | None = None) -> torch.Tensor:
+        """dC plus the row; with ``dc_accum`` (dC already added into it), into that instead."""
+        if dc_accum is not None:
+            dc_accum.add_(self.dc_row.to(dc_accum.dtype))
+            return dc
         return (dc.to(self.dc_row.dtype) + self.dc_row).to(dc.dtype)

@@ -164,12 +164,98 @@ def test_cce_gpt_matches_megatron_tp2():
     run_ranks(2, _parity_worker)
 
 
+def _module_worker(rank, world, sequence_parallel):
+    """CCELinearCrossEntropyModule against ColumnParallelLinear + Megatron's
+    vocab_parallel_cross_entropy of its logits: logits, loss per reduction, dE, dW."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
+
+    from cce_dist.megatron import CCELinearCrossEntropyModule, cpu_shims
+
+    cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    cfg = _config(sequence_parallel)
+    kw = dict(config=cfg, init_method=torch.nn.init.normal_, bias=False, gather_output=False)
+    torch.manual_seed(0)
+    native = ColumnParallelLinear(32, PADDED, **kw)
+    cce = CCELinearCrossEntropyModule(32, PADDED, cce_filter_eps=None, **kw)
+    cce.load_state_dict(native.state_dict())
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(SEQ, BATCH, 32, generator=g)  # [s, b, h], the full sequence
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels[0, :3] = -100
+    local = hidden.chunk(world)[rank] if sequence_parallel else hidden
+    with torch.no_grad():  # without labels: the same logits
+        assert torch.equal(cce(local)[0], native(local)[0])
+    for reduction in ("none", "mean", "sum"):
+        inputs = [local.clone().requires_grad_() for _ in range(2)]
+        logits, _ = native(inputs[0])
+        per_token = vocab_parallel_cross_entropy(logits.float(),
+                                                 labels.transpose(0, 1).clamp(min=0).contiguous())
+        per_token = torch.where(labels.transpose(0, 1) == -100, 0.0, per_token).transpose(0, 1)
+        valid = (labels != -100).sum()
+        want = {"none": per_token, "mean": per_token.sum() / valid, "sum": per_token.sum()}[
+            reduction]
+        got = cce(inputs[1], output_cross_entropy_loss=True, labels=labels, reduction=reduction)
+        assert got.shape == want.shape and _rel(got, want) < 1e-5, (reduction, _rel(got, want))
+        native.weight.grad = cce.weight.grad = None
+        want.sum().backward()
+        got.sum().backward()
+        assert _rel(inputs[1].grad, inputs[0].grad) < 1e-5, reduction
+        assert _rel(cce.weight.grad, native.weight.grad) < 1e-5, reduction
+    with pytest.raises(ValueError, match="labels"):
+        cce(local, output_cross_entropy_loss=True)
+    parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_linear_cross_entropy_module_matches_megatron_tp2(sequence_parallel):
+    run_ranks(2, _module_worker, sequence_parallel)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_cce_gpt_matches_megatron_nccl(world):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
     run_ranks(world, _parity_worker, "cuda", backend="nccl")
+
+
+def _example(tmp_path, loss, *flags):
+    """launch/megatron_gpt.py on 2 gloo ranks: (per-step losses, summary line)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CCE_DIST_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), str(root / "launch" / "megatron_gpt.py"),
+         "--steps", "4", "--loss", loss, "--vocab-size", "600", "--hidden", "32",
+         "--seq-len", "16", "--data", str(Path(sysconfig.get_paths()["stdlib"]) / "json"),
+         *flags],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("summary ") == 1  # rank 0's, once
+    summary = run.stdout[run.stdout.index("summary "):].splitlines()[0]
+    return [float(x) for x in re.findall(r"loss (\d+\.\d+)", run.stdout)], summary
+
+
+def test_megatron_example_with_ddp_and_grad_accum_fusion(tmp_path):
+    """Data parallel x 2 with Megatron's DDP and optimizer, 2 micro-batches per step: the CCE
+    head with its gradient straight into main_grad trains Megatron's own curve."""
+    flags = ("--tp", "1", "--ddp", "--micro-batches", "2")
+    want, _ = _example(tmp_path, "native", *flags)
+    got, summary = _example(tmp_path, "cce", *flags, "--grad-accum-fusion")
+    assert len(got) == len(want) == 4
+    assert all(abs(a - b) < 1e-3 for a, b in zip(got, want)), (got, want)
+    assert "tp=1 " in summary and " dp=2 micro_batches=2 ddp=1 dist_opt=0 " \
+        "grad_accum_fusion=1" in summary, summary
 
 
 def test_megatron_example_trains_the_same_curve(tmp_path):

@@ -22,6 +22,7 @@ On megatron-core 0.18+, whose ``GPTModel.forward`` takes ``output_processor=``, 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional, Union
 
 import torch
 

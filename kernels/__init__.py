@@ -15,6 +15,7 @@ if __name__ == "cce_dist.kernels":
     from .ops import (
         BACKENDS,
         cce_backward,
+        cce_backward_into,
         cce_backward_notify,
         cce_forward,
         loss_dtype,
@@ -22,6 +23,6 @@ if __name__ == "cce_dist.kernels":
     )
 
     __all__ = [
-        "BACKENDS", "cce_backward", "cce_backward_notify", "cce_forward", "loss_dtype",
+        "BACKENDS", "cce_backward", "cce_backward_into", "cce_backward_notify", "cce_forward", "loss_dtype",
         "resolve_backend",
     ]

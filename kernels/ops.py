@@ -97,7 +97,7 @@ def _(e, c, targets, vocab_start, backend, sum_logits=False, softcap=0.0, bias=N
     )
 
 
-@torch.library.custom_op("cce_dist::backward", mutates_args=("dc_accum",))
+@torch.library.custom_op("cce_dist::backward", mutates_args=())
 def cce_backward(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -130,23 +130,59 @@ def cce_backward(
     softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`;
     ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
     the logits' gradient (an entropy's, weighed by minus its upstream gradient);
-    ``logit_scale``: as in :func:`cce_forward`; ``dc_accum``: a (V, D) float buffer (a
-    gradient accumulator, e.g. Megatron's fp32 ``main_grad``) to which dC is added instead of
-    being returned (dC is then an empty tensor); the default engine adds each chunk's product
-    into an fp32 accumulator without rounding it to c's dtype first."""
+    ``logit_scale``: as in :func:`cce_forward`."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit, logit_scale, dc_accum)
+                     ent_scale, mean_logit, logit_scale)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, dc_accum=None):
+      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
     de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    dc = torch.empty_like(c) if dc_accum is None else c.new_empty((0,))
-    return torch.empty_like(e, dtype=de_dtype), dc, dbias
+    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
+
+
+# The accumulating variant is an op of its own, with the mutated buffer first and always
+# positional: torch < 2.13 bumps a mutated argument's version by its position in the call.
+@torch.library.custom_op("cce_dist::backward_into", mutates_args=("dc_accum",))
+def cce_backward_into(
+    dc_accum: torch.Tensor,
+    e: torch.Tensor,
+    c: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    tile_max: torch.Tensor,
+    vocab_start: int,
+    filter_eps: float | None,
+    backend: str,
+    de_fp32: bool = False,
+    vocab_size: int = -1,
+    target_weight: float = 1.0,
+    softcap: float = 0.0,
+    uniform_weight: float = 0.0,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cce_backward` whose dC is added into ``dc_accum`` ((V, D) float, a gradient
+    accumulator such as Megatron's fp32 ``main_grad``) instead of being returned: returns dE and
+    d bias. The default engine adds each chunk's product into an fp32 accumulator without
+    rounding it to c's dtype first."""
+    de, _, dbias = _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
+                             backend, de_fp32, None, vocab_size, target_weight, softcap,
+                             uniform_weight, bias, dc_accum=dc_accum)
+    return de, dbias
+
+
+@cce_backward_into.register_fake
+def _(dc_accum, e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
+      de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
+      bias=None):
+    de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
+    dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(e, dtype=de_dtype), dbias
 
 
 def cce_backward_notify(

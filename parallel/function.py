@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from cce_dist.kernels import cce_backward, cce_backward_notify, cce_forward
+from cce_dist.kernels import (
+    cce_backward, cce_backward_into, cce_backward_notify, cce_forward,
+)
 from torch._C import _functions
 
 from .collectives import (
@@ -169,11 +171,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             filter_eps = None
         dc_accum = None if ctx.param is None else main_grad_of(ctx.param)
         kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing, softcap=softcap,
-                  uniform_weight=smooth if in_kernel else 0.0, bias=bias, dc_accum=dc_accum)
+                  uniform_weight=smooth if in_kernel else 0.0, bias=bias)
+        args = (e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend)
         if group is None:
-            de, dc, dbias = cce_backward(
-                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                de_fp32=uniform is not None, **kw)
+            if dc_accum is None:
+                de, dc, dbias = cce_backward(*args, de_fp32=uniform is not None, **kw)
+            else:
+                de, dbias = cce_backward_into(dc_accum, *args, de_fp32=uniform is not None, **kw)
+                dc = None
             if uniform is not None:
                 de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc, dc_accum)
                 dbias = uniform.add_to_dbias(dbias)
@@ -186,15 +191,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     de = uniform.add_to_de(de)
                 pending.append(start_reduction(de, group, scatter=sequence_parallel))
 
-            _, dc, dbias = cce_backward_notify(
-                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                on_de_ready=reduce_de, **kw)
+            _, dc, dbias = cce_backward_notify(*args, on_de_ready=reduce_de, dc_accum=dc_accum,
+                                               **kw)
             de, work = pending[0]
             work.wait()
         else:
-            de, dc, dbias = cce_backward(
-                e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
-                de_fp32=True, **kw)
+            if dc_accum is None:
+                de, dc, dbias = cce_backward(*args, de_fp32=True, **kw)
+            else:
+                de, dbias = cce_backward_into(dc_accum, *args, de_fp32=True, **kw)
             if uniform is not None:
                 de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)

@@ -19,6 +19,7 @@ cce-dist with ``cce_main_grad=True``, whose output-layer gradient goes straight 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -171,6 +172,8 @@ def main() -> None:
     p.add_argument("--ddp", action="store_true", help="Megatron's DDP, optimizer and schedule")
     p.add_argument("--dist-opt", action="store_true", help="with --ddp: distributed optimizer")
     p.add_argument("--micro", type=int, default=4, help="with --ddp: micro-batches per step")
+    p.add_argument("--kinds", default="", help="comma-separated subset of the models (one per "
+                   "process gives each a clean allocator)")
     args = p.parse_args()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl")
@@ -180,6 +183,8 @@ def main() -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     rows = []
     kinds = ("native", "cce", "cce-main-grad") if args.ddp else ("native", "cce")
+    if args.kinds:
+        kinds = tuple(k for k in args.kinds.split(",") if k)
     for kind in kinds:
         model, padded = build(kind, args, tp)
         stats = ddp_step_stats(model, args) if args.ddp else step_stats(model, args, padded)
@@ -189,6 +194,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(json.dumps(row), flush=True)
         del model
+        gc.collect()  # the DDP wrapper and its config refer to each other
         torch.cuda.empty_cache()
     if dist.get_rank() == 0 and args.json:
         with open(args.json, "w") as f:

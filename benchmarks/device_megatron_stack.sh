@@ -12,8 +12,10 @@ run timeout 300 python3 -m pytest -q -m gpu tests/test_megatron_stack.py tests/t
   -p no:cacheprovider -s 2>&1 | grep -v -i "warn\|deprecat" | tee "$OUT/megatron_stack_tests.log" | tail -15
 NGPU=$(nvidia-smi -L | wc -l)
 for tied in "" "--tied"; do
-  run timeout 240 torchrun --nproc_per_node=$NGPU benchmarks/bench_megatron_step.py --ddp --dist-opt \
-    --hidden ${HIDDEN:-1024} --heads 8 --layers 2 --vocab 128256 --seq 4096 --batch 1 --micro 4 \
-    --warmup 2 --iters 6 $tied --json "$OUT/megatron_ddp_step${tied/--/_}.json" 2>&1 \
-    | grep -v -i "warn\|deprecat" | grep "^{\|rc\|Error\|error" | tail -8
+  for kind in native cce cce-main-grad; do
+    run timeout 150 torchrun --nproc_per_node=$NGPU benchmarks/bench_megatron_step.py --ddp --dist-opt \
+      --hidden ${HIDDEN:-1024} --heads 8 --layers 2 --vocab 128256 --seq 4096 --batch 1 --micro 4 \
+      --warmup 2 --iters 6 --kinds $kind $tied --json "$OUT/megatron_ddp_step_${kind}${tied/--/_}.json" \
+      2>&1 | grep -v -i "warn\|deprecat" | grep "^{\|rc\|Error\|error" | tail -4
+  done
 done

@@ -336,7 +336,7 @@ def backward(
         return (raw[: n * chunk * 4].view(torch.float32),
                 raw[n * chunk * 4: n * chunk * (4 + size)].view(e.dtype))
 
-    chunk = _chunk_rows(n, 1 << 62, cfg.gemm_chunk_v, bv, v)
+    chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, bv, v)
     split = v if dc_accum is not None else workspace_split(
         n, d, v, chunk, bv, size, cfg.max_lent_fraction, chunk_itemsize=4 + size)
     if split == v:  # no rows lent: the workspace has buffers of its own

@@ -30,11 +30,13 @@ class BlockConfig:
     make the products more efficient; the budget filter's verdicts (per ``block_n`` x ``block_v``
     tile) are pooled onto those taller tiles.
     With ``gemm`` (``kernels/gemm_engine.py``), the forward and the unfiltered or budget-filtered
-    backward run their products through cuBLAS instead: ``gemm_fw_chunk_v`` vocabulary rows at a
-    time in the forward (fewer if their n x rows fp32 logits exceed ``gemm_fw_bytes``; its
-    statistics kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program), and
-    ``gemm_chunk_v`` rows in the backward (``tail_chunk_v`` within ``gemm_tail_bytes`` for the
-    last lent rows); the per-entry filter keeps the fused tile kernels, which skip work.
+    backward run their products through cuBLAS instead, on chunks of vocabulary rows whose n x
+    rows fp32 logits fill ``gemm_fw_bytes`` in the forward and ``gemm_bytes`` in the backward, at
+    most ``gemm_fw_chunk_v`` / ``gemm_chunk_v`` rows (fewer tokens, taller chunks: the launches,
+    not the products, would otherwise bound a short batch's time); the forward's statistics
+    kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program; the backward's last
+    lent rows use ``tail_chunk_v`` rows within ``gemm_tail_bytes``. The per-entry filter keeps
+    the fused tile kernels, which skip work.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -60,9 +62,10 @@ class BlockConfig:
     fw_num_warps: int = 8
     fw_num_stages: int = 3
     gemm: bool = True
-    gemm_fw_chunk_v: int = 2048
+    gemm_fw_chunk_v: int = 16384
     gemm_fw_bytes: int = 64 << 20
-    gemm_chunk_v: int = 2048
+    gemm_chunk_v: int = 16384
+    gemm_bytes: int = 64 << 20
     gemm_tail_bytes: int = 16 << 20
     gemm_stats_n: int = 32
     gemm_stats_cols: int = 512

@@ -188,8 +188,10 @@ def _stack_worker(rank, world, stacks, device="cpu"):
             for a, b in zip(got_losses, want_losses):
                 assert abs(a - b) < 1e-5 * abs(b), (what, got_losses, want_losses)
             assert abs(got_norm - want_norm) < 1e-4 * want_norm, (what, got_norm, want_norm)
+            # From the second step on, the weights differ by Adam's ~1e-4 (see below).
+            tol = 1e-4 if step == 0 else 1e-3
             for name, ref in want_grads.items():
-                assert _rel(got_grads[name], ref) < 1e-4, (what, name, _rel(got_grads[name], ref))
+                assert _rel(got_grads[name], ref) < tol, (what, name, _rel(got_grads[name], ref))
         # Adam divides by the root of the second moment, so the tiniest gradients' 1e-7 relative
         # differences (summation order) move their parameters by up to ~1e-4 of their norm.
         params = dict(native.module.named_parameters())

@@ -208,6 +208,47 @@ def _module_worker(rank, world, sequence_parallel):
     parallel_state.destroy_model_parallel()
 
 
+def _mtp_worker(rank, world):
+    """With multi-token prediction, CCEGPTModel hands the output stage to Megatron: the same
+    losses and gradients as GPTModel, bit for bit, and cce-dist's loss is never called."""
+    from unittest import mock
+
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec, get_gpt_mtp_block_spec,
+    )
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from cce_dist import megatron as cce_megatron
+
+    cce_megatron.cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    cfg = _config(False, mtp_num_layers=1, mtp_loss_scaling_factor=0.1)
+    spec = get_gpt_layer_local_spec()
+    kw = dict(vocab_size=PADDED, max_sequence_length=SEQ, parallel_output=True,
+              mtp_block_spec=get_gpt_mtp_block_spec(cfg, spec, use_transformer_engine=False))
+    torch.manual_seed(0)
+    native = GPTModel(cfg, spec, **kw)
+    cce = cce_megatron.CCEGPTModel(cfg, spec, **kw)
+    cce.load_state_dict(native.state_dict())
+    tokens, position, mask, labels = _batch(1)
+    with mock.patch.object(cce_megatron, "linear_cross_entropy",
+                           side_effect=AssertionError("CCE must not serve MTP")):
+        got = cce(tokens, position, mask, labels=labels)
+    want = native(tokens, position, mask, labels=labels)
+    assert torch.equal(got, want)
+    got.mean().backward()
+    want.mean().backward()
+    grads = dict(native.named_parameters())
+    for name, p in cce.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, grads[name].grad), name
+    parallel_state.destroy_model_parallel()
+
+
+def test_multi_token_prediction_falls_back_to_megatron_tp2():
+    run_ranks(2, _mtp_worker)
+
+
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_linear_cross_entropy_module_matches_megatron_tp2(sequence_parallel):
     run_ranks(2, _module_worker, sequence_parallel)

@@ -44,14 +44,16 @@ def patch(
     """Make ``model`` (a ``transformers`` ``...ForCausalLM``) compute its training loss with
     cce-dist; returns the same model, patched in place (``unpatch`` undoes it).
 
-    ``filter_eps``, ``backend``: as in :func:`cce_dist.linear_cross_entropy`. ``group``: not yet
-    supported (a vocabulary-sharded output layer needs the model's tensor parallelism to shard
-    it: use :class:`cce_dist.deepspeed.VocabParallelCCEHead` there).
+    ``filter_eps``, ``backend``: as in :func:`cce_dist.linear_cross_entropy`.
+
+    ``group``: ranks that hold the same batch (tensor-parallel ranks) share the loss's work by
+    vocabulary rows. The output layer stays whole on every rank (generation, checkpoints and
+    tied embeddings are unchanged); each rank computes the loss over its contiguous share of
+    the rows (``cce_dist.parallel.vocab_range``), the ranks combine it with the loss's own
+    collectives, and the weight's (and bias's) gradient comes back whole and the same on every
+    rank, as without the group. For a head whose rows are stored sharded, use
+    :class:`cce_dist.deepspeed.VocabParallelCCEHead`.
     """
-    if group is not None:
-        raise NotImplementedError(
-            "cce_dist.transformers.patch(group=...) is not supported yet: shard the output layer "
-            "with cce_dist.deepspeed.VocabParallelCCEHead (DeepSpeed) or CCEGPTModel (Megatron)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise TypeError(f"patch() takes a transformers causal LM whose get_output_embeddings() is "
@@ -95,7 +97,7 @@ def patch(
         hidden = captured[0] if scale == 1.0 else captured[0] * scale
         loss = _causal_lm_loss(
             hidden, head, labels, kwargs.get("num_items_in_batch"),
-            kwargs.get("shift_labels"), softcap, filter_eps, backend)
+            kwargs.get("shift_labels"), softcap, filter_eps, backend, group)
         if outputs.get("aux_loss") is not None:  # MoE routers: as transformers adds it
             loss = loss + aux_coef * outputs["aux_loss"].to(loss.device)
         # A fresh output, loss first (outputs[0] is the loss, as transformers returns it) and
@@ -143,6 +145,33 @@ def _logit_scale(model: nn.Module, text_config) -> float:
     return scale
 
 
+class _RowsOfReplicated(torch.autograd.Function):
+    """Forward: rows [start, end) of a tensor every rank of ``group`` holds whole (the rank's
+    contiguous share, ``vocab_range``). Backward: every rank's rows' gradients, gathered into
+    the whole tensor's gradient, the same on every rank (one all-gather)."""
+
+    @staticmethod
+    def forward(ctx, whole: torch.Tensor, start: int, end: int, group) -> torch.Tensor:
+        ctx.rows, ctx.group = whole.shape[0], group
+        return whole[start:end].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        from .parallel import vocab_range
+        from .parallel.collectives import all_gather_dim0
+
+        world = dist.get_world_size(ctx.group)
+        most = -(-ctx.rows // world)  # shards differ by one row at most: pad to the largest
+        padded = grad.new_zeros((most, *grad.shape[1:]))
+        padded[: grad.shape[0]] = grad
+        gathered = all_gather_dim0(padded, ctx.group).view(world, most, *grad.shape[1:])
+        sizes = [end - start for start, end in (vocab_range(ctx.rows, r, world)
+                                                for r in range(world))]
+        return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]), None, None, None
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`."""
     original = getattr(model, "_cce_dist_forward", None)
@@ -153,8 +182,9 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap,
-                    filter_eps, backend) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, without the logits."""
+                    filter_eps, backend, group=None) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, without the logits; with a
+    ``group``, over this rank's share of the rows (see :func:`patch`)."""
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     if hidden.shape[:-1] != shift_labels.shape:
@@ -171,10 +201,20 @@ def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, soft
     hidden = hidden.to(weight.dtype)
     shift_labels = shift_labels.to(hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
+    bias, vocab_start = head.bias, None
+    if group is not None:
+        import torch.distributed as dist
+
+        from .parallel import vocab_range
+
+        vocab_start, end = vocab_range(weight.shape[0], dist.get_rank(group),
+                                       dist.get_world_size(group))
+        weight = _RowsOfReplicated.apply(weight, vocab_start, end, group)
+        bias = None if bias is None else _RowsOfReplicated.apply(bias, vocab_start, end, group)
     loss = linear_cross_entropy(
         hidden, weight, shift_labels, ignore_index=IGNORE_INDEX, reduction=reduction,
-        filter_eps=filter_eps, backend=backend, bias=head.bias,
-        softcap=softcap if softcap else None)
+        filter_eps=filter_eps, backend=backend, bias=bias,
+        softcap=softcap if softcap else None, group=group, vocab_start=vocab_start)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -107,10 +107,44 @@ def test_without_labels_the_logits_are_unchanged_and_unpatch_restores():
     assert rel_err(out.loss, ref(input_ids=ids, labels=labels).loss.double()) < 1e-5
 
 
+def _group_worker(rank, world, family, tie, vocab):
+    """patch(model, group=...) on every rank, same batch: the loss and every parameter's
+    gradient equal the unpatched single-process model's, on every rank."""
+    import torch.distributed as dist
+
+    config, cls = _config(family, tie)
+    config.vocab_size = vocab
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = cls(config).float()
+    with torch.no_grad():
+        ref.get_output_embeddings().weight.mul_(8.0)
+    got = patch(copy.deepcopy(ref), group=dist.group.WORLD)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    want = ref(input_ids=ids, labels=labels).loss
+    out = got(input_ids=ids, labels=labels).loss
+    assert rel_err(out, want.double()) < 1e-5, (rank, out, want)
+    want.backward()
+    out.backward()
+    mine = dict(got.named_parameters())
+    for name, p in ref.named_parameters():
+        assert rel_err(mine[name].grad, p.grad.double()) < 1e-4, (rank, name)
+    # Without labels the whole head still gives the whole logits.
+    assert torch.allclose(got(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("world,family,tie", [(2, "llama", False), (3, "gemma2", True)])
+def test_group_shares_the_loss_by_vocabulary_rows(world, family, tie):
+    from distributed import run_ranks
+
+    run_ranks(world, _group_worker, family, tie, 301)  # uneven shards
+
+
 def test_refuses_what_it_cannot_do():
     ref, _ = _models("llama", tie=False)
-    with pytest.raises(NotImplementedError, match="group"):
-        patch(ref, group=object())
     with pytest.raises(TypeError, match="causal LM"):
         patch(torch.nn.Linear(3, 3))
     # A weight released after its module returned (as ZeRO-3 does) gets a clear error.

@@ -167,6 +167,12 @@ def cce_output_processor(
     _check_output_layer(output_layer, parallel_output, "cce_output_processor")
     context = context if isinstance(context, dict) else {}
     main_grad = context.get("main_grad", bool(config.gradient_accumulation_fusion))
+    if main_grad and config.mtp_num_layers and not config.gradient_accumulation_fusion:
+        # MTP's own output-layer calls would return real gradients, which DDP's hook then
+        # ignores (the loss has flagged the weight's gradient as added to main_grad).
+        raise ValueError("cce_output_processor: main_grad=True with multi-token prediction "
+                         "needs gradient_accumulation_fusion, so that every use of the output "
+                         "weight adds its gradient into main_grad")
     return _lm_loss(hidden_states, weight, labels, output_layer, config,
                     context.get("filter_eps", "auto"), main_grad)
 

@@ -13,8 +13,8 @@ steps Megatron's Adam with gradient clipping; ``--dist-opt`` shards it (distribu
 ``--grad-accum-fusion`` adds the output layer's gradient straight into DDP's fp32 ``main_grad``
 (cce-dist's loss does so without APEX; Megatron's own loss needs APEX's fused kernels for it).
 ``--cp`` (context parallelism) needs Transformer Engine's attention and is refused without it.
-On the CPU, ``--ddp`` steps torch's AdamW on DDP's ``main_grad`` (Megatron's optimizers hold CUDA
-tensors).
+On the CPU, ``--ddp`` steps torch's AdamW, unclipped, on DDP's ``main_grad`` (Megatron's
+optimizers hold CUDA tensors).
 
 Data: the embedded corpus of launch/train.py (the Python standard library's sources and a
 cached BPE tokenizer). On a machine without GPUs it runs over gloo on the CPU with two small
@@ -91,6 +91,9 @@ def check_layout(args, world: int, cuda: bool) -> None:
                              "fused_weight_gradient_mlp_cuda (cce-dist's loss does not)")
     if world % (args.tp * args.pp):
         raise SystemExit(f"{world} ranks are not a multiple of tp x pp = {args.tp * args.pp}")
+    if args.pp > 1 and not args.ddp:
+        raise SystemExit("--pp needs --ddp: Megatron's finalize_model_grads, which all-reduces "
+                         "the tied embedding's copies between stages, works on DDP's buffers")
     if world > args.tp * args.pp and not args.ddp:
         raise SystemExit("data parallelism (ranks beyond tp x pp) needs --ddp: without it "
                          "nothing would average the replicas' gradients")
@@ -161,14 +164,14 @@ def cpu_schedule(model, forward_step, micro, args, config) -> list:
 
 
 class MainGradAdamW(torch.optim.AdamW):
-    """On the CPU: AdamW on DDP's reduced fp32 ``main_grad``s with gradient clipping at 1, as
-    Megatron's ``FP32Optimizer`` steps them on a GPU."""
+    """On the CPU: AdamW on DDP's reduced fp32 ``main_grad``s, as Megatron's ``FP32Optimizer``
+    steps them on a GPU; without its gradient clipping, whose norm spans the tensor-parallel
+    ranks (a per-rank clip would scale the ranks' replicated weights apart)."""
 
     def step(self):
         params = [p for group in self.param_groups for p in group["params"]]
         for p in params:
             p.grad = p.main_grad
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         super().step()
         for p in params:
             p.grad = None

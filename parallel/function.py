@@ -200,6 +200,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 de, dc, dbias = cce_backward(*args, de_fp32=True, **kw)
             else:
                 de, dbias = cce_backward_into(dc_accum, *args, de_fp32=True, **kw)
+                dc = None
             if uniform is not None:
                 de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)

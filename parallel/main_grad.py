@@ -36,11 +36,18 @@ def placeholder_grad(c: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor |
       is at least as large when ``main_grad`` is fp32 and c 16-bit or fp32), so that no (V, D)
       buffer is allocated. Autograd passes it to the hook, which ignores its values (the flag)
       and drops it, as it drops Megatron's own ``torch.empty`` placeholder. Without room in
-      that storage, an uninitialized tensor, as Megatron's.
+      that storage, an uninitialized tensor, as Megatron's. If ``c.grad`` is still set
+      (nothing cleared it since the last backward), zeros: autograd adds into it in place.
+
+    As with Megatron's own fused layers, every other use of ``c`` in the same backward must add
+    its gradient into ``main_grad`` itself (Megatron's layers do under
+    ``gradient_accumulation_fusion``): DDP's hook ignores ``c.grad`` once the flag is set.
     """
     c.grad_added_to_main_grad = True
     if getattr(c, "zero_out_wgrad", False):
         return None
+    if c.grad is not None:  # autograd would add into it in place: hand it zeros, not an alias
+        return torch.zeros_like(c)
     storage = main_grad.untyped_storage()
     offset = main_grad.storage_offset() * main_grad.element_size()
     size = c.element_size()

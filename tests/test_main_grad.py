@@ -119,3 +119,43 @@ def test_main_grad_accumulation_on_gpu_against_float64():
     fused_err, unfused_err = rel_err(param.main_grad, exact), rel_err(unfused, exact)
     print(f"main_grad over {MICRO} micro-batches: fused {fused_err:.2e}, unfused {unfused_err:.2e}")
     assert fused_err < 0.8 * unfused_err, (fused_err, unfused_err)
+
+
+def test_a_leftover_gradient_is_not_added_into_main_grad():
+    """Backward twice with nothing clearing ``c.grad`` in between (no DDP hook): autograd adds
+    the second placeholder into the first in place, which must not touch main_grad."""
+    e, c, t = make_inputs("dense", 40, 16, 64, dtype=torch.bfloat16, seed=4)
+    param = _ddp_param(c)
+    for _ in range(2):
+        linear_cross_entropy(e, param, t, filter_eps=None, main_grad=True).backward()
+    assert rel_err(param.main_grad, 2 * _dc64(e, c, t)) < 1e-2
+
+
+def _vocab_parallel_worker(rank, world, overlap):
+    """Vocabulary-parallel, bf16 shards with fp32 main_grads, label smoothing: each rank's
+    main_grad holds its rows of the float64 dC, with the dE reduction overlapped or not."""
+    import torch.distributed as dist
+
+    from cce_dist.parallel import function, vocab_range
+
+    function.OVERLAP_DE_REDUCTION = overlap
+    e, c, t = make_inputs("lm", 48, 16, 101, dtype=torch.bfloat16, seed=7)
+    start, end = vocab_range(101, rank, world)
+    shard = _ddp_param(c[start:end])
+    e = e.clone().requires_grad_()
+    loss = linear_cross_entropy(e, shard, t, filter_eps=None, main_grad=True,
+                                label_smoothing=0.1, group=dist.group.WORLD, vocab_start=start)
+    loss.backward()
+    c64 = c.detach().double().requires_grad_()
+    e64 = e.detach().double().requires_grad_()
+    F.cross_entropy(e64 @ c64.T, t, label_smoothing=0.1).backward()
+    assert shard.grad_added_to_main_grad
+    assert rel_err(shard.main_grad, c64.grad[start:end]) < 4e-3
+    assert rel_err(e.grad, e64.grad) < 1e-2
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_main_grad_vocabulary_parallel(overlap):
+    from distributed import run_ranks
+
+    run_ranks(3, _vocab_parallel_worker, overlap)  # uneven shards: 34, 34, 33 rows

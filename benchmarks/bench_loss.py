@@ -66,6 +66,19 @@ def methods(selected: set[str]) -> dict:
             out["Liger FLCE"] = lambda e, c, t: liger_fused_linear_cross_entropy(e, c, t)
         except ImportError as err:
             print(f"# liger-kernel not available: {err}", file=sys.stderr)
+    if want("DeepSpeed fused"):
+        try:  # DeepSpeed >= 0.19.8: chunked cuBLAS products, vocabulary-parallel capable
+            from deepspeed.sequence.linear_cross_entropy import (
+                vocab_parallel_linear_cross_entropy as deepspeed_loss,
+            )
+
+            out["DeepSpeed fused"] = lambda e, c, t: deepspeed_loss(e, c, t)
+        except ImportError as err:
+            print(f"# DeepSpeed's fused loss not available: {err}", file=sys.stderr)
+    if want("cce-dist drop-in"):  # the same call through our DeepSpeed-compatible function
+        from cce_dist.deepspeed import vocab_parallel_linear_cross_entropy as dropin
+
+        out["cce-dist drop-in"] = lambda e, c, t: dropin(e, c, t)
     return {k: v for k, v in out.items() if want(k)}
 
 

@@ -78,6 +78,8 @@ def main() -> None:
     p.add_argument("--ranks", default="0,3")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--exact", action="store_true", help="also time the unfiltered backward")
+    p.add_argument("--filter", choices=("auto", "entry"), default="auto",
+                   help="the default budget filter, or the per-entry threshold 2^-12")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--json", default="")
     args = p.parse_args()
@@ -86,7 +88,12 @@ def main() -> None:
     lse = cce_forward(e, c_full, t, 0, "triton")[0]
     scale = torch.full_like(lse, 1.0 / n)
     rows = []
-    print(f"{args.shape} {args.regime}, {args.shards} shards; ms per call")
+    eps = FILTER_EPS
+    if args.filter == "auto":
+        from cce_dist.kernels.filtering import GradFilter, default_budget
+
+        eps = GradFilter("budget", default_budget(e.dtype)).encode()
+    print(f"{args.shape} {args.regime}, {args.shards} shards, filter {args.filter}; ms per call")
     print(f"{'variant':>18} {'rank':>4} {'fw':>6} {'TF/s':>5} {'bw':>6} {'bw exact':>8} "
           f"{'kept':>5} {'total':>6} {'peak MB':>7}", flush=True)
     for k, name in enumerate(args.variants.split(",")):
@@ -99,8 +106,9 @@ def main() -> None:
                 def fw():
                     return cce_forward(e, c, t, lo, "triton")
 
-                def bw(tile_max, eps=FILTER_EPS):
-                    return cce_backward(e, c, t, lse, scale, tile_max, lo, eps, "triton", True)
+                def bw(tile_max, eps=eps):
+                    return cce_backward(e, c, t, lse, scale, tile_max, lo, eps, "triton", True,
+                                        vocab_size=v)
 
                 try:
                     tile_max = fw()[2]
@@ -114,12 +122,19 @@ def main() -> None:
                     print(f"{name:>18} {rank:>4} failed: {type(err).__name__}: {str(err)[:160]}",
                           flush=True)
                     continue
-                kept = recomputed_share(tile_max, lse, t, lo, hi, cfg)
+                if args.filter == "auto":
+                    from cce_dist.kernels.filtering import decode_filter, keep_tiles
+
+                    kept = keep_tiles(tile_max, lse, cfg.block_n, cfg.block_v, hi - lo, v,
+                                      decode_filter(eps)).float().mean().item()
+                else:
+                    kept = recomputed_share(tile_max, lse, t, lo, hi, cfg)
                 peak = peak_extra_mb(lambda: bw(fw()[2]))
                 tf = 2 * n * d * (hi - lo) / fw_ms / 1e9
                 print(f"{name:>18} {rank:>4} {fw_ms:6.2f} {tf:5.0f} {bw_ms:6.2f} {ex_ms:8.2f} "
                       f"{kept:5.2f} {fw_ms + bw_ms:6.2f} {peak:7.0f}", flush=True)
                 rows.append(dict(shape=args.shape, regime=args.regime, shards=args.shards,
+                                 filter=args.filter,
                                  rank=rank, variant=name, changes=changes(name), fw_ms=fw_ms,
                                  bw_ms=bw_ms, bw_exact_ms=ex_ms, kept=kept, peak_mb=peak))
                 if args.profile and k == 0:

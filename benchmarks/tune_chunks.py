@@ -22,11 +22,10 @@ from cce_dist.testing import make_inputs
 MB = 1 << 20
 
 
-def measure(shape, fw_mb, bw_mb, overlap=True):
+def measure(shape, fw_mb, bw_mb):
     n, d, v = shape
     base = ops.default_config(torch.device("cuda"), torch.bfloat16)
-    cfg = replace(base, gemm_fw_bytes=fw_mb * MB, gemm_bytes=bw_mb * MB,
-                  gemm_fw_overlap=overlap)
+    cfg = replace(base, gemm_fw_bytes=fw_mb * MB, gemm_bytes=bw_mb * MB)
     e, c, t = make_inputs("dense", n, d, v, dtype=torch.bfloat16, device="cuda", seed=0)
     e.requires_grad_(), c.requires_grad_()
     with mock.patch.object(ops, "default_config", lambda *a, **k: cfg):
@@ -46,27 +45,23 @@ def measure(shape, fw_mb, bw_mb, overlap=True):
         fwbw()
         peak = (torch.cuda.max_memory_allocated() - start) / MB
         bench = (lambda f: triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median"))
-        return dict(shape="x".join(map(str, shape)), fw_mb=fw_mb, bw_mb=bw_mb,
-                    overlap=overlap, fw_ms=bench(fw),
+        return dict(shape="x".join(map(str, shape)), fw_mb=fw_mb, bw_mb=bw_mb, fw_ms=bench(fw),
                     fwbw_ms=bench(fwbw), peak_mb=peak, grads_mb=(n * d + v * d) * 2 / MB)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="8192x4096x128256,4096x1024x128256,8192x2304x256000")
-    p.add_argument("--settings", default="64:64,128:128,256:128,128:256",
-                   help="forward MB:backward MB[:overlap 0/1], comma-separated")
+    p.add_argument("--settings", default="64:64,128:128,256:128,128:256")
     p.add_argument("--json", default="")
     args = p.parse_args()
     rows = []
     for shape in args.shapes.split(","):
         for setting in args.settings.split(","):
-            fw_mb, bw_mb, *rest = map(int, setting.split(":"))
-            overlap = bool(rest[0]) if rest else True
-            row = measure(tuple(map(int, shape.split("x"))), fw_mb, bw_mb, overlap)
+            fw_mb, bw_mb = map(int, setting.split(":"))
+            row = measure(tuple(map(int, shape.split("x"))), fw_mb, bw_mb)
             rows.append(row)
-            print(f"{row['shape']:>18} fw {fw_mb:4d} MB bw {bw_mb:4d} MB overlap {int(overlap)}"
-                  f"  fw {row['fw_ms']:6.2f} ms"
+            print(f"{row['shape']:>18} fw {fw_mb:4d} MB bw {bw_mb:4d} MB  fw {row['fw_ms']:6.2f} ms"
                   f"  fw+bw {row['fwbw_ms']:6.2f} ms  peak {row['peak_mb']:6.0f} MB"
                   f" (grads {row['grads_mb']:.0f})", flush=True)
     if args.json:

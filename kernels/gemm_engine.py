@@ -21,7 +21,6 @@ filter, whose point is to skip tiles, runs on the fused tile kernels of ``triton
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -159,17 +158,6 @@ def _chunk_dlogits_kernel(
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One side stream per device for the forward's statistics kernels."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
-
-
 def supported(e: torch.Tensor) -> bool:
     """Whether this torch can run the engine on ``e``'s device and dtype: 16-bit products with
     an fp32 result need ``torch.mm(..., out_dtype=)`` on CUDA (torch >= 2.8)."""
@@ -243,38 +231,19 @@ def forward(
     extra = sum_logits or mean_logit
     stats = torch.empty((3 if extra else 2, splits, n), dtype=torch.float32,
                         device=e.device)
-    # With the overlap, two buffers: cuBLAS fills one on the caller's stream while the
-    # statistics kernel reads the other on a side stream; events order each buffer's reuse.
-    overlap = cfg.gemm_fw_overlap and e.is_cuda and v > chunk
-    bufs = [torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
-            for _ in range(2 if overlap else 1)]
-    main = side = None
-    read = [None, None]  # per buffer: the event after which the side stream is done with it
-    if overlap:
-        main, side = torch.cuda.current_stream(e.device), _side_stream(e.device)
-        side.wait_stream(main)  # the statistics' initial values and the inputs
-    for k, v0 in enumerate(range(0, v, chunk)):
+    buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
+    for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
-        i = k % len(bufs)
-        logits = bufs[i][: n * vc].view(n, vc)
-        if read[i] is not None:
-            main.wait_event(read[i])
+        logits = buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
-        with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
-            if overlap:
-                side.wait_stream(main)
-            _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-                logits, targets, tile_max if bias is None else bias, stats[0], stats[1],
-                stats[-1], tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1],
-                int(v0 == 0), float(softcap), float(logit_scale), BLOCK_N=stats_n, TILE_N=bn,
-                BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
-                num_warps=cfg.gemm_stats_warps,
-            )
-            if overlap:
-                read[i] = side.record_event()
-    if overlap:
-        main.wait_stream(side)  # the statistics, and the buffers before they are freed
+        _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
+            logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
+            tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
+            float(softcap), float(logit_scale), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
+            SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+            MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
+            num_warps=cfg.gemm_stats_warps,
+        )
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
     if sum_logits:
         zsum = stats[2].sum(0)

@@ -36,9 +36,7 @@ class BlockConfig:
     not the products, would otherwise bound a short batch's time); the forward's statistics
     kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program; the backward's last
     lent rows use ``tail_chunk_v`` rows within ``gemm_tail_bytes``. The per-entry filter keeps
-    the fused tile kernels, which skip work. With ``gemm_fw_overlap`` (CUDA), the forward's
-    statistics kernel of one chunk runs on a second stream while cuBLAS writes the next chunk
-    into a second buffer.
+    the fused tile kernels, which skip work.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -66,7 +64,6 @@ class BlockConfig:
     gemm: bool = True
     gemm_fw_chunk_v: int = 16384
     gemm_fw_bytes: int = 64 << 20
-    gemm_fw_overlap: bool = True
     gemm_chunk_v: int = 16384
     gemm_bytes: int = 64 << 20
     gemm_tail_bytes: int = 16 << 20

@@ -48,6 +48,8 @@ def placeholder_grad(c: torch.Tensor, main_grad: torch.Tensor) -> torch.Tensor |
         return None
     if c.grad is not None:  # autograd would add into it in place: hand it zeros, not an alias
         return torch.zeros_like(c)
+    if torch.compiler.is_compiling():  # a storage alias cannot be traced: Megatron's own way
+        return torch.empty_like(c, memory_format=torch.contiguous_format)
     storage = main_grad.untyped_storage()
     offset = main_grad.storage_offset() * main_grad.element_size()
     size = c.element_size()

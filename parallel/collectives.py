@@ -22,11 +22,16 @@ def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def gather_stats(rows: list[torch.Tensor], group) -> torch.Tensor:
+def gather_stats(rows: list[torch.Tensor], targets: torch.Tensor,
+                 group) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token statistics of this rank's shard, k rows of (N,) -> (world, k, N), every rank's,
-    in one all-gather."""
-    stats = all_gather_dim0(torch.stack(rows), group)
-    return stats.view(dist.get_world_size(group), len(rows), rows[0].shape[0])
+    in one all-gather; and (N,) bool, whether every rank holds the same target for the token
+    (the targets ride in the same gather, as floats: exact below 2^24 for fp32 statistics)."""
+    world, n = dist.get_world_size(group), rows[0].shape[0]
+    stats = all_gather_dim0(torch.stack([*rows, targets.to(rows[0].dtype)]), group)
+    stats = stats.view(world, len(rows) + 1, n)
+    ids = stats[:, -1]
+    return stats[:, :-1], (ids == ids[:1]).all(dim=0)
 
 
 def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:

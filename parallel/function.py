@@ -90,8 +90,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     Inputs: e (N, D) (with ``sequence_parallel``: this rank's (N / world, D) slice), c (V_r, D)
     of the same float dtype, targets (N,) integer global ids. Outputs: the loss, fp32 (fp64 for
     fp64 inputs) scalar, or (N,) for ``reduction="none"`` with 0 at ignored tokens and NaN at
-    tokens whose target is outside [0, vocab_size) (no host sync needed to flag them); and the
-    global LSE (N,), not differentiable.
+    tokens whose target is outside [0, vocab_size) or differs between the ranks (no host sync
+    needed to flag them; their gradients are NaN too in the latter case); and the global LSE
+    (N,), not differentiable.
 
     ``main_grad``: when ``c`` is a parameter under Megatron's DDP, its gradient is added into
     ``c.main_grad`` by the kernels, following Megatron's protocol (``parallel/main_grad.py``).
@@ -122,15 +123,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         smoothing = label_smoothing > 0
         lse, target_logit, tile_max, logit_sum = cce_forward(
             e, c, targets, vocab_start, backend, smoothing, softcap, bias)
+        agree = None
         if group is not None:
             rows = [lse, target_logit] + ([logit_sum] if smoothing else [])
-            stats = gather_stats(rows, group)
+            stats, agree = gather_stats(rows, targets, group)
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
             if smoothing:
                 logit_sum = stats[:, 2].sum(dim=0)
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab_size)
+        if agree is not None:  # targets that differ between ranks: NaN, not a wrong loss
+            in_range = in_range & agree
+            valid = valid | ~agree
         per_token = lse - target_logit
         if smoothing:  # (1 - eps) CE + eps (LSE - mean logit), the mean over the whole vocabulary
             per_token = per_token + label_smoothing * (target_logit - logit_sum / vocab_size)
@@ -138,7 +143,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             per_token = per_token + z_loss * lse * lse
         per_token = torch.where(valid, per_token, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
-        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias)
+        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss, softcap)
         ctx.param = c if main_grad else None  # the parameter itself: its main_grad at backward
@@ -148,13 +153,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-        e, c, targets, lse, tile_max, valid, bias = ctx.saved_tensors
+        e, c, targets, lse, tile_max, valid, bias, agree = ctx.saved_tensors
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
          label_smoothing, z_loss, softcap) = ctx.config
         grad_out = grad_out.to(lse.dtype)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
-        grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0).contiguous()
+        grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0)
+        if agree is not None:  # ranks disagreed on these targets: NaN gradients too
+            grad_scale = torch.where(agree, grad_scale, torch.nan)
+        grad_scale = grad_scale.contiguous()
         if z_loss:
             # d(z LSE^2)/dlogits = 2 z LSE softmax: the softmax term scaled by f = 1 + 2 z LSE,
             # i.e. the softmax of an LSE lowered by log f (exact while f > 0: LSE > -1 / 2z).

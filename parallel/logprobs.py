@@ -51,13 +51,15 @@ class LogprobsEntropyFunction(torch.autograd.Function):
         lse, target_logit, tile_max, mean = cce_forward(
             e, c, targets, vocab_start, backend, False, 0.0, None, True, logit_scale)
         if group is not None:
-            stats = gather_stats([lse, target_logit, mean], group)
+            stats, agree = gather_stats([lse, target_logit, mean], targets, group)
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
             mean = (torch.exp(stats[:, 0] - lse) * stats[:, 2]).sum(dim=0)
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab_size)
         bad = valid & ~in_range
+        if group is not None:  # targets that differ between ranks: NaN, not a wrong value
+            bad = bad | ~agree
         logprobs = torch.where(valid, target_logit - lse, 0.0)
         entropy = torch.where(valid, lse - mean, 0.0)
         logprobs = torch.where(bad, torch.nan, logprobs)

@@ -180,6 +180,40 @@ def test_mismatches_raise_on_every_rank(world):
     run_ranks(world, _mismatch_worker)
 
 
+def _target_mismatch_worker(rank, world):
+    """One rank holds a different target for token 3 (and another marks token 5 ignored): on
+    every rank those tokens' loss, logprob and input gradient are NaN, the others are right."""
+    from cce_dist import linear_logprobs_entropy
+
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 12, 8, 37
+    e, c = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    want = F.cross_entropy(e @ c.T, t, reduction="none")
+    mine = t.clone()
+    if rank == world - 1:
+        mine[3] = (t[3] + 1) % v
+        mine[5] = -100
+    start, end = vocab_range(v, rank, world)
+    ee = e.clone().requires_grad_()
+    loss = linear_cross_entropy(ee, c[start:end], mine, reduction="none", filter_eps=None,
+                                group=dist.group.WORLD, vocab_start=start)
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[[3, 5]] = True
+    assert loss[bad].isnan().all() and not loss[~bad].isnan().any()
+    assert torch.allclose(loss[~bad], want[~bad], atol=1e-5)
+    loss.nan_to_num().sum().backward()
+    assert ee.grad[bad].isnan().all() and not ee.grad[~bad].isnan().any()
+    logprobs, _ = linear_logprobs_entropy(e, c[start:end], mine, group=dist.group.WORLD,
+                                          vocab_start=start, filter_eps=None)
+    assert logprobs[bad].isnan().all() and not logprobs[~bad].isnan().any()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_targets_that_differ_between_ranks_give_nan(world):
+    run_ranks(world, _target_mismatch_worker)
+
+
 def test_vocab_range_even_split():
     assert [vocab_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
     assert [vocab_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]

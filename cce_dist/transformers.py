@@ -78,7 +78,7 @@ def patch(
         args, kwargs = bound.args, dict(bound.kwargs)
         # Work on the ModelOutput; a caller that asked for tuples gets one at the end.
         want_tuple = kwargs.get("return_dict") is False or (
-            kwargs.get("return_dict") is None and getattr(config, "use_return_dict", True) is False)
+            kwargs.get("return_dict") is None and getattr(config, "return_dict", True) is False)
         kwargs["return_dict"] = True
         captured = []
 

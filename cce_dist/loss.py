@@ -164,6 +164,8 @@ def linear_cross_entropy(
             if bias.device != c.device:
                 raise ValueError(f"bias must be on c's device {c.device}, got {bias.device}")
         check_vocab_start(vocab_start)
+        if not isinstance(main_grad, bool):
+            raise TypeError(f"main_grad must be a bool, got {type(main_grad).__name__}")
     except (TypeError, ValueError):
         if group is not None:
             report_local_error(group)
@@ -178,7 +180,7 @@ def linear_cross_entropy(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
         float(z_loss), float(softcap or 0.0), None if bias is None else bias.contiguous(),
-        bool(main_grad),
+        main_grad,
     )
     if reduction == "none":
         loss = loss.reshape(targets.shape)

@@ -117,7 +117,6 @@ def cce_backward(
     ent_scale: torch.Tensor | None = None,
     mean_logit: torch.Tensor | None = None,
     logit_scale: float = 1.0,
-    dc_accum: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
     LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a

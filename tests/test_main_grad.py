@@ -94,6 +94,8 @@ def test_main_grad_without_megatrons_attributes_changes_nothing(backend):
     ref = c.detach().clone().requires_grad_()
     linear_cross_entropy(e, ref, t, backend=backend).backward()
     assert torch.equal(plain.grad, ref.grad) and not hasattr(plain, "grad_added_to_main_grad")
+    with pytest.raises(TypeError, match="main_grad must be a bool"):
+        linear_cross_entropy(e, plain, t, backend=backend, main_grad="yes")
 
 
 @pytest.mark.gpu

@@ -330,9 +330,10 @@ def test_megatron_example_trains_the_same_curve(tmp_path):
     assert all(abs(a - b) < 1e-3 for a, b in zip(curves["cce"], curves["native"])), curves
 
 
-def test_cce_gpt_matches_megatron_0_19_on_cpu():
-    """The same TP=2 parity (SP, output_processor and MuP included) against megatron-core 0.19,
-    which scripts/setup.sh unpacks beside the venv (pip installs it only on Python >= 3.12)."""
+def run_on_megatron_core_0_19(code: str, timeout: int) -> None:
+    """Run ``code`` (Python, from tests/) in a subprocess under megatron-core 0.19.2, which
+    scripts/setup.sh unpacks beside the venv (pip installs it only on Python >= 3.12); skip
+    when 0.19 is the installed version (the in-process tests cover it)."""
     import os
     import subprocess
     import sys
@@ -343,12 +344,16 @@ def test_cce_gpt_matches_megatron_0_19_on_cpu():
     root = Path(__file__).resolve().parents[1]
     newer = root / ".cache" / "megatron-core-0.19.2"
     if megatron.core.__version__.startswith("0.19"):
-        pytest.skip("megatron-core 0.19 is the installed version: the test above covers it")
+        pytest.skip("megatron-core 0.19 is the installed version: the in-process test covers it")
     assert (newer / "megatron").is_dir(), "run scripts/setup.sh: it unpacks megatron-core 0.19.2"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(newer), str(root / "tests")]))
     run = subprocess.run(
-        [sys.executable, "-c", "import megatron.core as m; print(m.__version__); "
-         "import test_megatron as t; t.run_ranks(2, t._parity_worker)"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=root / "tests")
+        [sys.executable, "-c", "import megatron.core as m; print(m.__version__); " + code],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=root / "tests")
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.startswith("0.19.2"), run.stdout[:200]
+
+
+def test_cce_gpt_matches_megatron_0_19_on_cpu():
+    """The same TP=2 parity (SP, output_processor and MuP included) against megatron-core 0.19."""
+    run_on_megatron_core_0_19("import test_megatron as t; t.run_ranks(2, t._parity_worker)", 600)

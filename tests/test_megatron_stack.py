@@ -15,7 +15,6 @@ Megatron code path runs as on a GPU). The same workers run over NCCL on GPUs.
 """
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 pytest.importorskip("megatron.core")
 
 from distributed import run_ranks
-from test_megatron import BATCH, PADDED, SEQ, _layer_spec, _rel
+from test_megatron import BATCH, PADDED, SEQ, _layer_spec, _rel, run_on_megatron_core_0_19
 
 MICRO = 3  # micro-batches per step: gradient accumulation
 STEPS = 3
@@ -240,24 +239,6 @@ def test_megatron_stack_matches_native_nccl(world):
 
 
 def test_megatron_stack_matches_native_on_megatron_core_0_19():
-    """Both stack sets again, under megatron-core 0.19.2 (unpacked beside the venv by
-    scripts/setup.sh, as for test_megatron.py)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import megatron.core
-
-    if megatron.core.__version__.startswith("0.19"):
-        pytest.skip("megatron-core 0.19 is the installed version: the test above covers it")
-    root = Path(__file__).resolve().parents[1]
-    newer = root / ".cache" / "megatron-core-0.19.2"
-    assert (newer / "megatron").is_dir(), "run scripts/setup.sh: it unpacks megatron-core 0.19.2"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(newer), str(root / "tests")]))
-    run = subprocess.run(
-        [sys.executable, "-c", ("import megatron.core as m; print(m.__version__); import "
-                                "test_megatron_stack as t; "
-                                "t.run_ranks(4, t._stack_worker, t.TP2_DP2 + t.TP2_PP2)")],
-        env=env, capture_output=True, text=True, timeout=900, cwd=root / "tests")
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert run.stdout.startswith("0.19.2"), run.stdout[:200]
+    """Both stack sets again, under megatron-core 0.19.2."""
+    run_on_megatron_core_0_19("import test_megatron_stack as t; "
+                              "t.run_ranks(4, t._stack_worker, t.TP2_DP2 + t.TP2_PP2)", 900)

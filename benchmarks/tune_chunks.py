@@ -22,10 +22,11 @@ from cce_dist.testing import make_inputs
 MB = 1 << 20
 
 
-def measure(shape, fw_mb, bw_mb):
+def measure(shape, fw_mb, bw_mb, lent=None):
     n, d, v = shape
     base = ops.default_config(torch.device("cuda"), torch.bfloat16)
-    cfg = replace(base, gemm_fw_bytes=fw_mb * MB, gemm_bytes=bw_mb * MB)
+    cfg = replace(base, gemm_fw_bytes=fw_mb * MB, gemm_bytes=bw_mb * MB,
+                  max_lent_fraction=base.max_lent_fraction if lent is None else lent)
     e, c, t = make_inputs("dense", n, d, v, dtype=torch.bfloat16, device="cuda", seed=0)
     e.requires_grad_(), c.requires_grad_()
     with mock.patch.object(ops, "default_config", lambda *a, **k: cfg):
@@ -45,23 +46,26 @@ def measure(shape, fw_mb, bw_mb):
         fwbw()
         peak = (torch.cuda.max_memory_allocated() - start) / MB
         bench = (lambda f: triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median"))
-        return dict(shape="x".join(map(str, shape)), fw_mb=fw_mb, bw_mb=bw_mb, fw_ms=bench(fw),
+        return dict(shape="x".join(map(str, shape)), fw_mb=fw_mb, bw_mb=bw_mb,
+                    lent=cfg.max_lent_fraction, fw_ms=bench(fw),
                     fwbw_ms=bench(fwbw), peak_mb=peak, grads_mb=(n * d + v * d) * 2 / MB)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="8192x4096x128256,4096x1024x128256,8192x2304x256000")
-    p.add_argument("--settings", default="64:64,128:128,256:128,128:256")
+    p.add_argument("--settings", default="64:64,128:128,256:128,128:256",
+                   help="forward MB:backward MB[:largest share of dC's rows lent]")
     p.add_argument("--json", default="")
     args = p.parse_args()
     rows = []
     for shape in args.shapes.split(","):
         for setting in args.settings.split(","):
-            fw_mb, bw_mb = map(int, setting.split(":"))
-            row = measure(tuple(map(int, shape.split("x"))), fw_mb, bw_mb)
+            fw_mb, bw_mb, *lent = setting.split(":")
+            row = measure(tuple(map(int, shape.split("x"))), int(fw_mb), int(bw_mb),
+                          float(lent[0]) if lent else None)
             rows.append(row)
-            print(f"{row['shape']:>18} fw {fw_mb:4d} MB bw {bw_mb:4d} MB  fw {row['fw_ms']:6.2f} ms"
+            print(f"{row['shape']:>18} fw {fw_mb:>4} MB bw {bw_mb:>4} MB lent {row['lent']}  fw {row['fw_ms']:6.2f} ms"
                   f"  fw+bw {row['fwbw_ms']:6.2f} ms  peak {row['peak_mb']:6.0f} MB"
                   f" (grads {row['grads_mb']:.0f})", flush=True)
     if args.json:

@@ -2,7 +2,9 @@
 
 ``python benchmarks/profile_engine.py [--shape 8192x4096x128256] [--regime lm]``: on one GPU,
 the medians (``triton.testing.do_bench``) of the forward, the backward and the budget filter's
-tile verdicts (``keep_tiles``) alone, then the CUDA time per kernel of one backward.
+tile verdicts (``keep_tiles``) alone; then, for the gemm engine's forward and backward, how busy
+the GPU is between the first kernel's start and the last one's end (idle = launch gaps), the
+same work replayed from a CUDA graph (no launches), and the CUDA time per kernel.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import torch
 import triton.testing
 
+from cce_dist import linear_cross_entropy
 from cce_dist.kernels import filtering, gemm_engine, tiles, triton_backward, triton_forward
 from cce_dist.testing import make_inputs
 
@@ -42,13 +45,39 @@ def main() -> None:
         "backward fused exact": lambda: triton_backward.backward(
             e, c, t, lse, scale, 0, None, tile_max, fused),
     }
+    e_leaf, c_leaf = e.detach().requires_grad_(), c.detach().requires_grad_()
+
+    def loss_fwbw():
+        e_leaf.grad = c_leaf.grad = None
+        linear_cross_entropy(e_leaf, c_leaf, t).backward()
+
+    rows["loss fw+bw (autograd)"] = loss_fwbw
     for name, f in rows.items():
         print(f"{args.shape} {args.regime:6s} {name:24s} {bench(f):8.2f} ms", flush=True)
-    for name in ("forward gemm", "backward gemm budget"):
+    for name in ("forward gemm", "backward gemm budget", "loss fw+bw (autograd)"):
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            rows[name]()  # warm the allocator's pool on the capture stream
+            with torch.cuda.graph(graph, stream=side):
+                rows[name]()
+        torch.cuda.current_stream().wait_stream(side)
+        print(f"{args.shape} {args.regime:6s} {name:24s} {bench(graph.replay):8.2f} ms "
+              "replayed from a CUDA graph", flush=True)
+        del graph
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             rows[name]()
             torch.cuda.synchronize()
-        print(f"--- {name}")
+        spans = sorted((k.time_range.start, k.time_range.end) for k in prof.events()
+                       if k.device_type == torch.autograd.DeviceType.CUDA)
+        busy, reach = 0.0, spans[0][0]
+        for lo, hi in spans:  # union of the kernels' intervals
+            busy += max(0.0, hi - max(lo, reach))
+            reach = max(reach, hi)
+        span = reach - spans[0][0]
+        print(f"--- {name}: GPU busy {busy / 1e3:.2f} of {span / 1e3:.2f} ms "
+              f"({100 * busy / span:.0f}%)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                         max_name_column_width=60))
 

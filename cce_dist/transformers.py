@@ -258,9 +258,9 @@ def _check_sequence_parallel_call(sp, shift_labels, num_items_in_batch) -> None:
                  "whole sequence, then cut into the SP ranks' slices, as DeepSpeed's "
                  "UlyssesSPDataLoaderAdapter gives them); labels= alone would be shifted "
                  "within this rank's slice, losing the target at its end")
+    elif shift_labels.dim() > 4:
+        error = f"patch(sp_group=...): shift_labels has {shift_labels.dim()} dimensions"
     shape = tuple(shift_labels.shape) if error is None else ()
-    if len(shape) > 4:
-        error = f"patch(sp_group=...): shift_labels has {len(shape)} dimensions"
     has_items = num_items_in_batch is not None
     key = (id(sp), shape, has_items)
     if error is None and key in _checked_calls and os.environ.get(DEBUG_ENV, "0") != "1":

@@ -87,6 +87,8 @@ def _worker(rank, world, tp, vocab):
     tp_groups = [dist.new_group(list(range(j, world, sp_size))) for j in range(sp_size)]
     sp_rank = dist.get_rank(sp_group)
     group = tp_groups[sp_rank] if tp > 1 else None
+    with pytest.raises(ValueError, match="must share this rank only"):  # local, no collective
+        patch(copy.deepcopy(model), group=sp_group, sp_group=sp_group)
     patch(model, group=group, sp_group=sp_group)
     mine = slice(sp_rank * S // sp_size, (sp_rank + 1) * S // sp_size)
 

@@ -322,8 +322,23 @@ def vocab_parallel_linear_cross_entropy(
         reduction="none", vocab_start=vocab_start_index if group is not None else None)
     if reduction == "none":
         return per_token
-    loss = per_token.sum()
+    return sequence_parallel_reduce(per_token.sum(), target, ignore_index, reduction, sp_group)
+
+
+def sequence_parallel_reduce(local_sum: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                             reduction: str, sp_group) -> torch.Tensor:
+    """DeepSpeed's Ulysses reduction of a loss: ``local_sum`` (a scalar) is the sum of the
+    per-token losses of this rank's tokens ``target``; each rank of ``sp_group`` holds its own
+    slice of the sequence. ``"sum"``: the sum over every SP rank's tokens; ``"mean"``: that sum
+    divided by the non-ignored tokens of all SP ranks (at least 1, so that a rank, or every
+    rank, without a valid token gives 0, not NaN). The value is the same on every SP rank; its
+    gradient reaches this rank's tokens only, so that the SP ranks' gradients add up to those of
+    a single process on the whole sequence (DeepSpeed's engine sums the gradients of the SP
+    ranks and averages over data-parallel ranks). Collectives: one all-reduce of a scalar for
+    ``"sum"``, two for ``"mean"``, with no host synchronization; without ``sp_group`` (or at
+    world size 1), the local reduction and none."""
     sp = sp_group if _rank_world(sp_group)[1] > 1 else None
+    loss = local_sum
     if reduction == "mean":
         valid = (target != ignore_index).sum().to(loss.dtype)
         if sp is not None:

@@ -13,6 +13,10 @@ Gemma's ``final_logit_softcapping``, Granite's and Cohere's logit scales, and a 
 experts' router loss (``aux_loss`` times ``router_aux_loss_coef``, added as transformers adds
 it when labels are given).
 
+Under DeepSpeed's Ulysses sequence parallelism, ``patch(model, sp_group=...)`` makes the loss
+the mean over the whole sequence, held in slices by the ranks of ``sp_group`` (see
+:func:`patch`).
+
 How: the model's own ``forward`` runs with ``labels=None`` while its output embedding, for that
 call, records the hidden states it is given and returns an empty tensor instead of the logits;
 the loss is then computed from those hidden states. So any family whose causal-LM head is its
@@ -23,6 +27,7 @@ Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text).
 from __future__ import annotations
 
 import inspect
+import os
 import types
 from typing import Optional, Union
 
@@ -38,6 +43,7 @@ def patch(
     model: nn.Module,
     *,
     group: Optional["torch.distributed.ProcessGroup"] = None,
+    sp_group: Optional["torch.distributed.ProcessGroup"] = None,
     filter_eps: Union[str, float, None] = "auto",
     backend: str = "auto",
 ) -> nn.Module:
@@ -53,7 +59,41 @@ def patch(
     collectives, and the weight's (and bias's) gradient comes back whole and the same on every
     rank, as without the group. For a head whose rows are stored sharded, use
     :class:`cce_dist.deepspeed.VocabParallelCCEHead`.
+
+    ``sp_group``: DeepSpeed's Ulysses sequence parallelism (ALST): each rank of ``sp_group``
+    runs the model on its own slice of the sequence (the ranks' attention exchanges the rest,
+    e.g. ``UlyssesSPAttentionHF``) and passes that slice's ``shift_labels``, the labels shifted
+    by one over the whole sequence before it was cut, as ``UlyssesSPDataLoaderAdapter`` does.
+    Then:
+
+    * ``loss`` is the mean over the non-ignored tokens of all SP ranks (or their sum divided by
+      ``num_items_in_batch``, which then counts the tokens of the whole sequences, all SP ranks
+      together, and is the same on every SP rank), the same value on every SP rank. A rank
+      whose tokens are all ignored works (it adds 0); if no rank has one the loss is 0.
+    * Its gradient reaches this rank's tokens only: each rank's backward gives the parameters
+      this slice's share, and the sum over the SP ranks of each parameter's gradient is the
+      gradient of a single process on the whole sequence. DeepSpeed's engine sums gradients
+      over the SP ranks (and averages them over data-parallel ranks), so its step is that of
+      the unsharded batch. The same convention as ``sp_group`` of
+      :func:`cce_dist.deepspeed.vocab_parallel_linear_cross_entropy`.
+    * ``shift_labels=`` is required when labels are given (``labels=`` alone would be shifted
+      within the slice, losing the target that crosses into the next one: ``ValueError``);
+      given both, ``labels`` is unused, as in ``transformers``. Every SP rank passes labels of
+      the same shape (Ulysses' slices are equal) and the same ``num_items_in_batch``: the first
+      call of each shape checks both with one small all-gather over ``sp_group`` before the
+      model runs (every call with ``CCE_DIST_DEBUG=1``), and a mismatch or a rank's bad
+      argument raises a ``ValueError`` on every SP rank. Every SP rank must pass labels when
+      one does (not checked: a call without labels makes no collective of its own).
+    * A mixture of experts' router loss is added as the model computes it on this rank's
+      tokens.
+
+    Do not pass ``sp_group`` under ``transformers``' Trainer with DeepSpeed's sequence
+    parallelism (``sp_backend="deepspeed"``): the Trainer weights each rank's own mean by its
+    token count and combines them itself, which is what ``patch(model)`` without ``sp_group``
+    returns. With ``group`` too, ``group`` holds the ranks of the same slice (tensor-parallel
+    ranks) and ``sp_group`` those of the other slices; they share only this rank.
     """
+    sp = _sequence_parallel_group(sp_group, group)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise TypeError(f"patch() takes a transformers causal LM whose get_output_embeddings() is "
@@ -76,6 +116,9 @@ def patch(
             return original(*args, **kwargs)
         bound.arguments["labels"] = None
         args, kwargs = bound.args, dict(bound.kwargs)
+        if sp is not None:  # before the model's own collectives
+            _check_sequence_parallel_call(sp, kwargs.get("shift_labels"),
+                                          kwargs.get("num_items_in_batch"))
         # Work on the ModelOutput; a caller that asked for tuples gets one at the end.
         want_tuple = kwargs.get("return_dict") is False or (
             kwargs.get("return_dict") is None and getattr(config, "return_dict", True) is False)
@@ -97,7 +140,7 @@ def patch(
         hidden = captured[0] if scale == 1.0 else captured[0] * scale
         loss = _causal_lm_loss(
             hidden, head, labels, kwargs.get("num_items_in_batch"),
-            kwargs.get("shift_labels"), softcap, filter_eps, backend, group)
+            kwargs.get("shift_labels"), softcap, filter_eps, backend, group, sp)
         if outputs.get("aux_loss") is not None:  # MoE routers: as transformers adds it
             loss = loss + aux_coef * outputs["aux_loss"].to(loss.device)
         # A fresh output, loss first (outputs[0] is the loss, as transformers returns it) and
@@ -172,6 +215,80 @@ class _RowsOfReplicated(torch.autograd.Function):
         return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)]), None, None, None
 
 
+def _sequence_parallel_group(sp_group, group):
+    """``sp_group`` if it has more than one rank, else None; refuses what is not a process
+    group, and a ``group`` that shares ranks other than this one with it (local checks, no
+    collective)."""
+    if sp_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not isinstance(sp_group, dist.ProcessGroup):
+        raise TypeError(f"patch(): sp_group must be a torch.distributed.ProcessGroup or None, "
+                        f"got {type(sp_group).__name__}")
+    if dist.get_world_size(sp_group) == 1:
+        return None
+    if group is not None:
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(f"patch(): group must be a torch.distributed.ProcessGroup or None, "
+                            f"got {type(group).__name__}")
+        shared = (set(dist.get_process_group_ranks(group))
+                  & set(dist.get_process_group_ranks(sp_group)))
+        if shared != {dist.get_rank()}:
+            raise ValueError(
+                f"patch(): group (the ranks of one sequence slice) and sp_group (the ranks of "
+                f"the other slices) must share this rank only; they share ranks {sorted(shared)}")
+    return sp_group
+
+
+_checked_calls: set = set()
+
+
+def _check_sequence_parallel_call(sp, shift_labels, num_items_in_batch) -> None:
+    """Local checks of a call under ``sp_group``, then, the first time a call of its kind is
+    seen (every time with ``CCE_DIST_DEBUG=1``), one all-gather over ``sp`` of every rank's
+    (rejected, labels' shape, num_items_in_batch): every rank raises the same error on a
+    mismatch, before the model's own collectives could wait on a missing rank."""
+    from .parallel.collectives import all_gather_dim0, group_device
+    from .parallel.consistency import DEBUG_ENV
+
+    error = None
+    if shift_labels is None:
+        error = ("patch(sp_group=...): pass shift_labels= (the labels shifted by one over the "
+                 "whole sequence, then cut into the SP ranks' slices, as DeepSpeed's "
+                 "UlyssesSPDataLoaderAdapter gives them); labels= alone would be shifted "
+                 "within this rank's slice, losing the target at its end")
+    elif shift_labels.dim() > 4:
+        error = f"patch(sp_group=...): shift_labels has {shift_labels.dim()} dimensions"
+    shape = tuple(shift_labels.shape) if error is None else ()
+    has_items = num_items_in_batch is not None
+    key = (id(sp), shape, has_items)
+    if error is None and key in _checked_calls and os.environ.get(DEBUG_ENV, "0") != "1":
+        return
+    items = float(num_items_in_batch) if has_items and error is None else 0.0
+    dims = list(shape) + [-1] * (4 - len(shape))
+    row = torch.tensor([[int(error is not None), len(shape), *dims, int(has_items), items]],
+                       dtype=torch.float64, device=group_device(sp))
+    table = all_gather_dim0(row, sp).tolist()
+    if error is not None:
+        raise ValueError(error)
+    failed = [r for r, x in enumerate(table) if x[0]]
+    if failed:
+        raise ValueError(f"patch(sp_group=...): SP rank(s) {failed} rejected their arguments "
+                         f"(their own error names it); no rank computed the loss")
+    for name, cols in (("the shape of shift_labels", slice(1, 6)),
+                       ("whether num_items_in_batch is given", slice(6, 7)),
+                       ("num_items_in_batch", slice(7, 8))):
+        values = [tuple(x[cols]) for x in table]
+        if len(set(values)) != 1:
+            if cols.start == 1:
+                values = [tuple(int(d) for d in v[1:1 + int(v[0])]) for v in values]
+            raise ValueError(f"patch(sp_group=...): the SP ranks disagree on {name}: {values} "
+                             f"(by SP rank); every SP rank holds an equal slice of the same "
+                             f"sequences")
+    _checked_calls.add(key)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`."""
     original = getattr(model, "_cce_dist_forward", None)
@@ -182,9 +299,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, softcap,
-                    filter_eps, backend, group=None) -> torch.Tensor:
+                    filter_eps, backend, group=None, sp=None) -> torch.Tensor:
     """transformers' ``ForCausalLMLoss`` on ``head(hidden)``, without the logits; with a
-    ``group``, over this rank's share of the rows (see :func:`patch`)."""
+    ``group``, over this rank's share of the rows; with ``sp``, over the tokens of every SP
+    rank (see :func:`patch`)."""
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     if hidden.shape[:-1] != shift_labels.shape:
@@ -212,9 +330,14 @@ def _causal_lm_loss(hidden, head, labels, num_items_in_batch, shift_labels, soft
         weight = _RowsOfReplicated.apply(weight, vocab_start, end, group)
         bias = None if bias is None else _RowsOfReplicated.apply(bias, vocab_start, end, group)
     loss = linear_cross_entropy(
-        hidden, weight, shift_labels, ignore_index=IGNORE_INDEX, reduction=reduction,
-        filter_eps=filter_eps, backend=backend, bias=bias,
-        softcap=softcap if softcap else None, group=group, vocab_start=vocab_start)
+        hidden, weight, shift_labels, ignore_index=IGNORE_INDEX,
+        reduction="sum" if sp is not None else reduction, filter_eps=filter_eps,
+        backend=backend, bias=bias, softcap=softcap if softcap else None, group=group,
+        vocab_start=vocab_start)
+    if sp is not None:
+        from .deepspeed import sequence_parallel_reduce
+
+        loss = sequence_parallel_reduce(loss, shift_labels, IGNORE_INDEX, reduction, sp)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -24,6 +24,7 @@ import triton.testing
 
 from cce_dist import default_filter_eps, linear_cross_entropy
 from cce_dist.kernels import tiles
+from cce_dist.parallel import function
 from cce_dist.testing import make_inputs
 from bench_memory import peak_extra_mb  # beside this script
 
@@ -52,6 +53,11 @@ def methods(selected: set[str]) -> dict:
     fused.context = lambda: mock.patch.object(
         tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm=False))
     out["cce-dist fused exact"] = fused
+    # The default with dE computed in the backward (the engine before it moved to the forward).
+    de_in_backward = (lambda e, c, t: linear_cross_entropy(e, c, t))
+    de_in_backward.context = lambda: mock.patch.object(
+        function, "forward_makes_de", lambda *args: False)
+    out["cce-dist dE in backward"] = de_in_backward
     if want("apple CCE"):
         try:
             from cut_cross_entropy import linear_cross_entropy as apple

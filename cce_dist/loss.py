@@ -180,7 +180,7 @@ def linear_cross_entropy(
         e2, c, t1, ignore_index, reduction, eps, start, vocab_size,
         resolve_backend(backend, e2), group, sequence_parallel, float(label_smoothing),
         float(z_loss), float(softcap or 0.0), None if bias is None else bias.contiguous(),
-        main_grad,
+        main_grad, torch.is_grad_enabled() and e2.requires_grad,
     )
     if reduction == "none":
         loss = loss.reshape(targets.shape)

@@ -17,12 +17,15 @@ if __name__ == "cce_dist.kernels":
         cce_backward,
         cce_backward_into,
         cce_backward_notify,
+        cce_finish_de,
         cce_forward,
+        cce_forward_with_de,
+        forward_makes_de,
         loss_dtype,
         resolve_backend,
     )
 
     __all__ = [
-        "BACKENDS", "cce_backward", "cce_backward_into", "cce_backward_notify", "cce_forward", "loss_dtype",
-        "resolve_backend",
+        "BACKENDS", "cce_backward", "cce_backward_into", "cce_backward_notify", "cce_finish_de",
+        "cce_forward", "cce_forward_with_de", "forward_makes_de", "loss_dtype", "resolve_backend",
     ]

@@ -39,6 +39,14 @@ from .tiles import (
 from .triton_backward import workspace_split, zero_gradients
 
 
+
+def probs_slack(dtype: torch.dtype) -> float:
+    """How far (in logits) a chunk's largest logit may exceed a token's reference before the dE
+    accumulator's row is rescaled: p <= e^16 is far from overflow in fp32 and bf16; fp16
+    (largest 65504) rescales at every new maximum."""
+    return 0.0 if dtype == torch.float16 else 16.0
+
+
 @triton.jit
 def _chunk_stats_kernel(
     logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
@@ -158,6 +166,95 @@ def _chunk_dlogits_kernel(
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
 
 
+@triton.jit
+def _chunk_probs_kernel(
+    logits_ptr, p_ptr, acc_ptr, ref_ptr, bias_ptr, N, D, vc, v0, softcap, logit_scale, slack,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid: (token blocks of BLOCK_N,). One program owns BLOCK_N tokens: it raises a token's
+    reference ``ref`` to the chunk's largest logit when that exceeds it by more than ``slack``
+    (rescaling the token's row of the dE accumulator ((N, D) fp32) by exp(old - new)), then
+    writes the chunk's ``exp(z - ref)`` times dz/dproduct into p ((N, vc), p's dtype)."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * vc
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    for c0 in range(0, vc, BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
+        z = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
+        if HAS_BIAS or HAS_SOFTCAP or HAS_SCALE:
+            z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
+                              HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+            z = tl.where(mask, z, float("-inf"))
+        m = tl.maximum(m, tl.max(z, axis=1))
+    old = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
+    # A slack above the reference keeps p <= e^slack: no overflow, and few rescales.
+    raised = mask_n & (m > old + slack)
+    ref = tl.where(raised, m, old)
+    tl.store(ref_ptr + offs_n, ref, mask=mask_n)
+    rescale = raised & (old > float("-inf"))  # the first chunk finds nothing to rescale
+    if tl.max(rescale.to(tl.int32), axis=0) > 0:
+        factor = tl.where(rescale, tl.exp(old - ref), 1.0)
+        acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            at = acc_rows + offs_d[None, :]
+            mask_d = rescale[:, None] & (offs_d < D)[None, :]
+            tl.store(at, tl.load(at, mask=mask_d, other=0.0) * factor[:, None], mask=mask_d)
+    ref = tl.where(ref == float("-inf"), 0.0, ref)  # rows past N
+    out = p_ptr + offs_n.to(tl.int64)[:, None] * vc
+    for c0 in range(0, vc, BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
+        z = tl.load(rows + offs_c[None, :], mask=mask, other=0.0)
+        z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
+                          HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+        g = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale, HAS_SOFTCAP,
+                        HAS_SCALE)
+        g = tl.where(mask, g, 0.0)
+        tl.store(out + offs_c[None, :], cast_out(g, p_ptr.dtype.element_ty, PRECISION),
+                 mask=mask)
+
+
+@triton.jit
+def _finish_de_kernel(
+    acc_ptr, ref_ptr, lse_ptr, tgt_ptr, coef_ptr, t_ptr, c_ptr, de_ptr, N, D, V, vocab_start,
+    target_weight, softcap, logit_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid: (token blocks, column blocks of D). One program owns a (BLOCK_N, BLOCK_D) block of
+    dE: ``coef * (acc * exp(ref - lse) - target_weight * dz_t/dproduct * c[t])``, the target
+    term only where this shard holds the target."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d < D)[None, :]
+    ref = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    coef = tl.load(coef_ptr + offs_n, mask=mask_n, other=0.0)
+    at = offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    de = tl.load(acc_ptr + at, mask=mask, other=0.0) * tl.exp(ref - lse)[:, None]
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    owned = local_t >= 0
+    z_t = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0.0)
+    w = logits_grad(tl.where(owned, target_weight, 0.0), z_t, softcap, logit_scale,
+                    HAS_SOFTCAP, HAS_SCALE)
+    rows = tl.where(owned, local_t, 0).to(tl.int64)
+    c_t = tl.load(c_ptr + rows[:, None] * D + offs_d[None, :], mask=mask & owned[:, None],
+                  other=0.0).to(tl.float32)
+    de = (de - w[:, None] * c_t) * coef[:, None]
+    tl.store(de_ptr + at, cast_out(de, de_ptr.dtype.element_ty, PRECISION), mask=mask)
+
+
 def supported(e: torch.Tensor) -> bool:
     """Whether this torch can run the engine on ``e``'s device and dtype: 16-bit products with
     an fp32 result need ``torch.mm(..., out_dtype=)`` on CUDA (torch >= 2.8)."""
@@ -208,11 +305,19 @@ def forward(
     bias: torch.Tensor | None = None,
     mean_logit: bool = False,
     logit_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_de: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Same contract as ``triton_forward.forward``: e (N, D), c (V, D), targets (N,) global ids
     -> ``(lse, target_logit, tile_max, logit_sum)``, fp32, tile maxima on ``cfg.block_n`` x
     ``cfg.block_v`` tiles; all of the finished logits (plus ``bias`` (V,), then capped by
-    ``softcap`` when it is > 0)."""
+    ``softcap`` when it is > 0).
+
+    ``with_de`` adds ``(acc, ref)``: the softmax half of dE, unnormalized, while the logits are
+    at hand (one more product per chunk, which the backward then skips): ``acc`` (N, D) fp32
+    holds ``sum_j exp(z_j - ref) dz_j/dproduct c_j`` and ``ref`` (N,) fp32 the reference each
+    row is scaled to, raised as larger logits appear (flash attention's online rescaling, done
+    only when a logit exceeds the reference by more than :func:`probs_slack`). :func:`finish_de`
+    turns them into dE once the global LSE is known."""
     n, v = e.shape[0], c.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     targets = targets.contiguous()
@@ -222,7 +327,11 @@ def forward(
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         zsum = torch.zeros((n if sum_logits or mean_logit else 0,), dtype=torch.float32,
                            device=e.device)
-        return lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum
+        out = (lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum)
+        if with_de:
+            out += (torch.zeros(e.shape, dtype=torch.float32, device=e.device),
+                    torch.zeros((n,), dtype=torch.float32, device=e.device))
+        return out
     chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
     cols = max(bv, cfg.gemm_stats_cols // bv * bv)
     stats_n = min(bn, cfg.gemm_stats_n)
@@ -232,6 +341,11 @@ def forward(
     stats = torch.empty((3 if extra else 2, splits, n), dtype=torch.float32,
                         device=e.device)
     buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
+    if with_de:
+        acc = torch.empty(e.shape, dtype=torch.float32, device=e.device)
+        ref = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
+        p_buf = torch.empty((n * chunk,), dtype=e.dtype, device=e.device)
+        precision = dot_precision(e.dtype)
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         logits = buf[: n * vc].view(n, vc)
@@ -244,6 +358,16 @@ def forward(
             MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
             num_warps=cfg.gemm_stats_warps,
         )
+        if with_de:
+            p = p_buf[: n * vc].view(n, vc)
+            _chunk_probs_kernel[(triton.cdiv(n, cfg.gemm_probs_n),)](
+                logits, p, acc, ref, tile_max if bias is None else bias, n, e.shape[1], vc, v0,
+                float(softcap), float(logit_scale), probs_slack(e.dtype), BLOCK_N=cfg.gemm_probs_n,
+                BLOCK_V=bv, BLOCK_D=cfg.out_block_d, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
+                num_warps=cfg.gemm_stats_warps,
+            )
+            _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=v0 > 0)
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
     if sum_logits:
         zsum = stats[2].sum(0)
@@ -251,7 +375,44 @@ def forward(
         zsum = (torch.exp(stats[0] - lse) * stats[2]).sum(0)
     else:
         zsum = stats.new_zeros((0,))
+    if with_de:
+        return lse, stats[1].sum(0), tile_max, zsum, acc, ref
     return lse, stats[1].sum(0), tile_max, zsum
+
+
+def finish_de(
+    acc: torch.Tensor,
+    ref: torch.Tensor,
+    lse: torch.Tensor,
+    target_logit: torch.Tensor,
+    coef: torch.Tensor,
+    targets: torch.Tensor,
+    c: torch.Tensor,
+    vocab_start: int,
+    cfg: BlockConfig,
+    out_dtype: torch.dtype,
+    target_weight: float = 1.0,
+    softcap: float = 0.0,
+    logit_scale: float = 1.0,
+) -> torch.Tensor:
+    """This shard's dE (N, D) in ``out_dtype`` from :func:`forward`'s ``(acc, ref)``: each row
+    ``coef_n (sum_j p_j dz_j - target_weight dz_t c_t)`` with ``p = exp(z - lse)`` under the
+    given ``lse`` (N,) (the global one), ``target_logit`` (N,) the finished target logits (for
+    the softcap's derivative) and ``coef`` (N,) fp32 per-token factors (0 at ignored tokens)."""
+    n, d = acc.shape
+    de = torch.empty((n, d), dtype=out_dtype, device=acc.device)
+    if n == 0 or d == 0:
+        return de
+    bn = cfg.block_n
+    _finish_de_kernel[(triton.cdiv(n, bn), triton.cdiv(d, cfg.out_block_d))](
+        acc, ref, lse.contiguous(), target_logit.contiguous(), coef.contiguous(),
+        targets.contiguous(), c, de, n, d, c.shape[0], vocab_start, float(target_weight),
+        float(softcap), float(logit_scale), BLOCK_N=bn, BLOCK_D=cfg.out_block_d,
+        HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0,
+        PRECISION=dot_precision(c.dtype if out_dtype != torch.float32 else torch.float32),
+        num_warps=4,
+    )
+    return de
 
 
 def backward(
@@ -275,12 +436,15 @@ def backward(
     entropy: tuple[torch.Tensor, torch.Tensor] | None = None,
     logit_scale: float = 1.0,
     dc_accum: torch.Tensor | None = None,
+    want_de: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
     skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
     (V,), ``dbias`` (V,) fp32 receives its gradient. With ``dc_accum`` ((V, D) fp32), each
     chunk's ``dl.T @ E`` is added into it by cuBLAS in fp32, and an empty tensor stands for
-    dC (the workspace then has storage of its own: there is no dC to lend it)."""
+    dC (the workspace then has storage of its own: there is no dC to lend it). Without
+    ``want_de`` (the forward made dE: ``forward(with_de=True)``), dE is an empty tensor and
+    only dC is computed: the workspace needs no dE accumulator, so no row is computed twice."""
     if grad_filter is not None and grad_filter.kind != "budget":
         raise ValueError("the gemm engine takes no filter or the budget filter")
     n, d = e.shape
@@ -288,7 +452,8 @@ def backward(
     targets, lse, grad_scale = targets.contiguous(), lse.contiguous(), grad_scale.contiguous()
     de_dtype = torch.float32 if de_fp32 else e.dtype
     if n == 0 or v == 0:
-        de, dc = zero_gradients(e, c, de_fp32, on_de_ready)
+        de, dc = zero_gradients(e, c, de_fp32, on_de_ready if want_de else None)
+        de = de if want_de else de.new_empty((0,))
         return de, (dc if dc_accum is None else dc.new_empty((0,)))
     bn, bv = cfg.block_n, cfg.block_v
     dc = (torch.empty(c.shape, dtype=c.dtype, device=c.device) if dc_accum is None
@@ -328,6 +493,23 @@ def backward(
             elif want_dc:
                 _mm_cast(dl.t(), e, dc[v0:v0 + vc])
 
+    def dc_only_lent(lo: int, chunk: int) -> None:
+        """dC of rows [lo, V) (no dE) with the workspace in dC's own unwritten rows: while many
+        rows remain, the chunk's buffers sit in the last unwritten rows, and the rows before
+        them are written in chunks; then the same with half the chunk on the rows that held
+        them; the last few rows get buffers of their own, within gemm_tail_bytes."""
+        own = _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - lo, 4 + size)
+        while chunk > own:
+            need = n * chunk * (4 + size) + 16  # + alignment
+            end = (v - triton.cdiv(need, d * size)) // bv * bv
+            if end - lo < chunk:
+                break
+            raw = dc[end:].view(-1).view(torch.uint8)
+            raw = raw[(-raw.data_ptr()) % 16:]
+            run_chunks(lo, end, chunk, *buffers(raw, chunk), None, want_dc=True, want_de=False)
+            lo, chunk = end, max(own, chunk // 2 // bv * bv)
+        run_chunks(lo, v, own, *buffers(None, own), None, want_dc=True, want_de=False)
+
     def buffers(raw: torch.Tensor | None, chunk: int):
         """The chunk's fp32 logits and dl, in ``raw`` (bytes) or in their own allocation."""
         if raw is None:
@@ -337,6 +519,12 @@ def backward(
                 raw[n * chunk * 4: n * chunk * (4 + size)].view(e.dtype))
 
     chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, bv, v)
+    if not want_de:
+        if dc_accum is not None:
+            run_chunks(0, v, chunk, *buffers(None, chunk), None, want_dc=True, want_de=False)
+        else:
+            dc_only_lent(0, chunk)
+        return e.new_empty((0,), dtype=de_dtype), dc
     split = v if dc_accum is not None else workspace_split(
         n, d, v, chunk, bv, size, cfg.max_lent_fraction, chunk_itemsize=4 + size)
     if split == v:  # no rows lent: the workspace has buffers of its own
@@ -360,20 +548,5 @@ def backward(
     de = de_acc.to(de_dtype, copy=True)
     if on_de_ready is not None:
         on_de_ready(de)
-    # The lent rows' dC, now that the workspace is free: while many rows remain, the chunk's
-    # buffers sit in the last unwritten rows, and the rows before them are written in chunks;
-    # then the same with half the chunk on the rows that held them; the last few rows get
-    # buffers of their own, within gemm_tail_bytes.
-    lo, own = split, _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - split,
-                                 4 + size)
-    while chunk > own:
-        need = n * chunk * (4 + size) + 16  # + alignment
-        end = (v - triton.cdiv(need, d * size)) // bv * bv
-        if end - lo < chunk:
-            break
-        raw = dc[end:].view(-1).view(torch.uint8)
-        raw = raw[(-raw.data_ptr()) % 16:]
-        run_chunks(lo, end, chunk, *buffers(raw, chunk), None, want_dc=True, want_de=False)
-        lo, chunk = end, max(own, chunk // 2 // bv * bv)
-    run_chunks(lo, v, own, *buffers(None, own), None, want_dc=True, want_de=False)
+    dc_only_lent(split, chunk)
     return de, dc

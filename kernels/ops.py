@@ -79,6 +79,62 @@ def cce_forward(
                              logit_scale=logit_scale)
 
 
+def forward_makes_de(e: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`cce_forward_with_de` can make dE for ``e`` (the gemm engine's), so that
+    the backward (``skip_de=True``) computes only dC."""
+    if backend != "triton":
+        return False
+    from . import gemm_engine
+
+    return default_config(e.device, e.dtype).gemm and gemm_engine.supported(e)
+
+
+@torch.library.custom_op("cce_dist::forward_with_de", mutates_args=())
+def cce_forward_with_de(
+    e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int,
+    sum_logits: bool = False, softcap: float = 0.0, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cce_forward` on the Triton backend (where :func:`forward_makes_de`) that also
+    returns the softmax half of dE while the logits are at hand: ``acc`` (N, D) fp32 and
+    ``ref`` (N,) fp32 (``gemm_engine.forward``), for :func:`cce_finish_de`."""
+    from . import gemm_engine
+
+    cfg = default_config(e.device, e.dtype)
+    return gemm_engine.forward(e, c, targets, vocab_start, cfg, sum_logits, softcap, bias,
+                               with_de=True)
+
+
+@cce_forward_with_de.register_fake
+def _(e, c, targets, vocab_start, sum_logits=False, softcap=0.0, bias=None):
+    lse, tgt, tile_max, zsum = cce_forward(e, c, targets, vocab_start, "triton", sum_logits,
+                                           softcap, bias)
+    return (lse, tgt, tile_max, zsum, e.new_empty(e.shape, dtype=torch.float32),
+            e.new_empty((e.shape[0],), dtype=torch.float32))
+
+
+@torch.library.custom_op("cce_dist::finish_de", mutates_args=())
+def cce_finish_de(
+    acc: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, target_logit: torch.Tensor,
+    coef: torch.Tensor, targets: torch.Tensor, c: torch.Tensor, vocab_start: int,
+    de_fp32: bool = False, target_weight: float = 1.0, softcap: float = 0.0,
+) -> torch.Tensor:
+    """This shard's dE (N, D) from :func:`cce_forward_with_de`'s ``acc`` and ``ref``, under the
+    (global) ``lse`` (N,), times ``coef`` (N,) per token; in c's dtype, or fp32 with
+    ``de_fp32`` (``gemm_engine.finish_de``)."""
+    from . import gemm_engine
+
+    cfg = default_config(c.device, c.dtype)
+    return gemm_engine.finish_de(acc, ref, lse, target_logit, coef, targets, c, vocab_start,
+                                 cfg, torch.float32 if de_fp32 else c.dtype, target_weight,
+                                 softcap)
+
+
+@cce_finish_de.register_fake
+def _(acc, ref, lse, target_logit, coef, targets, c, vocab_start, de_fp32=False,
+      target_weight=1.0, softcap=0.0):
+    return acc.new_empty(acc.shape, dtype=torch.float32 if de_fp32 else c.dtype)
+
+
 def _check_scale(logit_scale: float, bias: torch.Tensor | None) -> None:
     if bias is not None and logit_scale != 1.0:
         raise ValueError("the kernels take a logit_scale (temperature) or a bias, not both")
@@ -117,6 +173,7 @@ def cce_backward(
     ent_scale: torch.Tensor | None = None,
     mean_logit: torch.Tensor | None = None,
     logit_scale: float = 1.0,
+    skip_de: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Partial dE (N, D), dC (V, D) and d bias (V,) (empty without ``bias``) from the global
     LSE, in the inputs' dtypes (dE in fp32, or fp64 for fp64 inputs, with ``de_fp32``: for a
@@ -129,19 +186,25 @@ def cce_backward(
     softcap makes it other than rank one); ``softcap``, ``bias``: as in :func:`cce_forward`;
     ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
     the logits' gradient (an entropy's, weighed by minus its upstream gradient);
-    ``logit_scale``: as in :func:`cce_forward`."""
+    ``logit_scale``: as in :func:`cce_forward`; ``skip_de``: dE came from
+    :func:`cce_forward_with_de` (needs :func:`forward_makes_de`): an empty dE is returned."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
-                     ent_scale, mean_logit, logit_scale)
+                     ent_scale, mean_logit, logit_scale, skip_de=skip_de)
+
+
+def _fake_de(e, de_fp32, skip_de):
+    if skip_de:
+        return e.new_empty((0,))
+    return torch.empty_like(e, dtype=loss_dtype(e.dtype) if de_fp32 else e.dtype)
 
 
 @cce_backward.register_fake
 def _(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0):
-    de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
+      bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, skip_de=False):
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(e, dtype=de_dtype), torch.empty_like(c), dbias
+    return _fake_de(e, de_fp32, skip_de), torch.empty_like(c), dbias
 
 
 # The accumulating variant is an op of its own, with the mutated buffer first and always
@@ -164,6 +227,7 @@ def cce_backward_into(
     softcap: float = 0.0,
     uniform_weight: float = 0.0,
     bias: torch.Tensor | None = None,
+    skip_de: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cce_backward` whose dC is added into ``dc_accum`` ((V, D) float, a gradient
     accumulator such as Megatron's fp32 ``main_grad``) instead of being returned: returns dE and
@@ -171,17 +235,16 @@ def cce_backward_into(
     rounding it to c's dtype first."""
     de, _, dbias = _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
                              backend, de_fp32, None, vocab_size, target_weight, softcap,
-                             uniform_weight, bias, dc_accum=dc_accum)
+                             uniform_weight, bias, dc_accum=dc_accum, skip_de=skip_de)
     return de, dbias
 
 
 @cce_backward_into.register_fake
 def _(dc_accum, e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
       de_fp32=False, vocab_size=-1, target_weight=1.0, softcap=0.0, uniform_weight=0.0,
-      bias=None):
-    de_dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
+      bias=None, skip_de=False):
     dbias = c.new_empty((0,)) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(e, dtype=de_dtype), dbias
+    return _fake_de(e, de_fp32, skip_de), dbias
 
 
 def cce_backward_notify(
@@ -218,14 +281,19 @@ def cce_backward_notify(
 
 def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
               de_fp32, on_de_ready, vocab_size, target_weight, softcap=0.0, uniform_weight=0.0,
-              bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, dc_accum=None):
+              bias=None, ent_scale=None, mean_logit=None, logit_scale=1.0, dc_accum=None,
+              skip_de=False):
     _check_scale(logit_scale, bias)
+    grad_filter = decode_filter(filter_eps)
+    if skip_de and (not forward_makes_de(e, backend) or ent_scale is not None or (
+            grad_filter is not None and grad_filter.kind != "budget")):
+        raise ValueError("skip_de needs the gemm engine (forward_makes_de), no entropy term, "
+                         "and no filter or the budget filter")
     if dc_accum is not None and (dc_accum.shape != c.shape or not dc_accum.is_floating_point()
                                  or dc_accum.device != c.device):
         raise ValueError(f"dc_accum must be a float tensor of c's shape {tuple(c.shape)} on "
                          f"{c.device}, got {dc_accum.dtype} {tuple(dc_accum.shape)} on "
                          f"{dc_accum.device}")
-    grad_filter = decode_filter(filter_eps)
     vocab_size = vocab_size if vocab_size >= 0 else c.shape[0]
     dbias = None
     if bias is not None:
@@ -237,13 +305,14 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
                    entropy=entropy, logit_scale=logit_scale)
     de, dc = _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter,
                               backend, de_fp32, on_de_ready, vocab_size, target_weight, options,
-                              dc_accum)
+                              dc_accum, skip_de)
     dbias = c.new_empty((0,)) if bias is None else dbias.to(bias.dtype)
     return de, dc, dbias
 
 
 def _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad_filter, backend,
-                     de_fp32, on_de_ready, vocab_size, target_weight, options, dc_accum=None):
+                     de_fp32, on_de_ready, vocab_size, target_weight, options, dc_accum=None,
+                     skip_de=False):
     if backend == "triton":
         from . import gemm_engine, triton_backward
 
@@ -253,9 +322,12 @@ def _engine_backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, grad
             grad_filter is None or grad_filter.kind == "budget")
         kw = dict(de_fp32=de_fp32, on_de_ready=on_de_ready, vocab_size=vocab_size,
                   target_weight=target_weight, **options)
-        if gemm and (dc_accum is None or dc_accum.dtype == torch.float32):
-            return gemm_engine.backward(e, c, targets, lse, grad_scale, vocab_start, grad_filter,
-                                        tile_max, cfg, dc_accum=dc_accum, **kw)
+        if skip_de or (gemm and (dc_accum is None or dc_accum.dtype == torch.float32)):
+            accum = dc_accum if dc_accum is None or dc_accum.dtype == torch.float32 else None
+            de, dc = gemm_engine.backward(e, c, targets, lse, grad_scale, vocab_start,
+                                          grad_filter, tile_max, cfg, dc_accum=accum,
+                                          want_de=not skip_de, **kw)
+            return de, (dc if accum is not None or dc_accum is None else _accumulate(dc, dc_accum))
         de, dc = triton_backward.backward(e, c, targets, lse, grad_scale, vocab_start,
                                           grad_filter, tile_max, cfg, **kw)
         return de, _accumulate(dc, dc_accum)

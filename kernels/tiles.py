@@ -70,6 +70,7 @@ class BlockConfig:
     gemm_stats_n: int = 32
     gemm_stats_cols: int = 512
     gemm_stats_warps: int = 8
+    gemm_probs_n: int = 16
     gemm_num_warps: int = 8
 
     def __post_init__(self) -> None:
@@ -94,7 +95,7 @@ INTERPRETER_CONFIG = BlockConfig(
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
-    gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1,
+    gemm_stats_cols=32, gemm_stats_warps=1, gemm_probs_n=8, gemm_num_warps=1,
 )
 
 

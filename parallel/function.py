@@ -12,6 +12,11 @@ With a group, ``c`` is this rank's contiguous vocabulary shard starting at globa
   parallelism, reduce-scattered back to this rank's slice of the sequence) and cast once. The
   reduction starts as soon as the kernels have finished dE and runs while the last dC work is
   computed (eager mode; under torch.compile it follows the backward).
+
+When ``e`` will get a gradient and the gemm engine runs (``forward_makes_de``), dE is made in
+the forward instead, while each chunk's logits are at hand (one product more there, one less in
+the backward, and no row of dC computed twice), and saved: the backward multiplies it by the
+upstream gradient, starts its reduction at once and computes only dC meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import functools
 
 import torch
 from cce_dist.kernels import (
-    cce_backward, cce_backward_into, cce_backward_notify, cce_forward,
+    cce_backward, cce_backward_into, cce_backward_notify, cce_finish_de, cce_forward,
+    cce_forward_with_de, forward_makes_de,
 )
+from cce_dist.kernels.filtering import decode_filter
 from torch._C import _functions
 
 from .collectives import (
@@ -117,12 +124,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         softcap: float = 0.0,
         bias: torch.Tensor | None = None,
         main_grad: bool = False,
+        want_de: bool = False,
     ) -> torch.Tensor:
         if group is not None and sequence_parallel:
             e = all_gather_dim0(e, group)
         smoothing = label_smoothing > 0
-        lse, target_logit, tile_max, logit_sum = cce_forward(
-            e, c, targets, vocab_start, backend, smoothing, softcap, bias)
+        grad_filter = decode_filter(filter_eps)
+        fuse_de = (want_de and forward_makes_de(e, backend)
+                   and (grad_filter is None or grad_filter.kind == "budget")
+                   and not (smoothing and softcap > 0))
+        if fuse_de:
+            lse, target_logit, tile_max, logit_sum, acc, ref = cce_forward_with_de(
+                e, c, targets, vocab_start, smoothing, softcap, bias)
+        else:
+            lse, target_logit, tile_max, logit_sum = cce_forward(
+                e, c, targets, vocab_start, backend, smoothing, softcap, bias)
         agree = None
         if group is not None:
             rows = [lse, target_logit] + ([logit_sum] if smoothing else [])
@@ -143,7 +159,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             per_token = per_token + z_loss * lse * lse
         per_token = torch.where(valid, per_token, 0.0)
         per_token = torch.where(valid & ~in_range, torch.nan, per_token)
-        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree)
+        de = None
+        if fuse_de:
+            # The per-token factors known now (the mean's count, ignored tokens, targets the
+            # ranks disagree on); the backward multiplies by the upstream gradient.
+            coef = valid.to(lse.dtype)
+            if reduction == "mean":
+                coef = coef / valid.sum().clamp(min=1).to(lse.dtype)
+            if agree is not None:
+                coef = torch.where(agree, coef, torch.nan)
+            de = cce_finish_de(acc, ref, _softmax_lse(lse, z_loss), target_logit, coef, targets,
+                               c, vocab_start, group is not None or smoothing,
+                               1.0 - label_smoothing, softcap)
+            del acc, ref
+        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree, de)
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss, softcap)
         ctx.param = c if main_grad else None  # the parameter itself: its main_grad at backward
@@ -153,20 +182,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-        e, c, targets, lse, tile_max, valid, bias, agree = ctx.saved_tensors
+        e, c, targets, lse, tile_max, valid, bias, agree, de_fwd = ctx.saved_tensors
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
          label_smoothing, z_loss, softcap) = ctx.config
         grad_out = grad_out.to(lse.dtype)
+        upstream = grad_out if reduction != "none" else torch.where(valid, grad_out, 0.0)
         if reduction == "mean":
             grad_out = grad_out / valid.sum().clamp(min=1).to(lse.dtype)
         grad_scale = torch.where(valid, grad_out.expand(valid.shape), 0.0)
         if agree is not None:  # ranks disagreed on these targets: NaN gradients too
             grad_scale = torch.where(agree, grad_scale, torch.nan)
         grad_scale = grad_scale.contiguous()
-        if z_loss:
-            # d(z LSE^2)/dlogits = 2 z LSE softmax: the softmax term scaled by f = 1 + 2 z LSE,
-            # i.e. the softmax of an LSE lowered by log f (exact while f > 0: LSE > -1 / 2z).
-            lse = lse - torch.log((1 + 2 * z_loss * lse).clamp(min=torch.finfo(lse.dtype).tiny))
+        lse = _softmax_lse(lse, z_loss)
         # Label smoothing: the kernels weigh the one-hot term by 1 - eps; its uniform term
         # -eps / V is rank one and added here (to dE before any reduction across ranks). Under
         # a softcap each logit's share is scaled by its own tanh' : the kernels subtract it,
@@ -181,6 +208,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         kw = dict(vocab_size=vocab_size, target_weight=1.0 - label_smoothing, softcap=softcap,
                   uniform_weight=smooth if in_kernel else 0.0, bias=bias)
         args = (e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend)
+        if de_fwd is not None:
+            return _backward_with_de(de_fwd, upstream, uniform, args, kw, dc_accum, ctx.param,
+                                     group, sequence_parallel, e.dtype)
         if group is None:
             if dc_accum is None:
                 de, dc, dbias = cce_backward(*args, de_fp32=uniform is not None, **kw)
@@ -217,12 +247,49 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return _grads(de.to(e.dtype), dc, dbias, bias, ctx.param, dc_accum)
 
 
+def _softmax_lse(lse: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """The LSE whose softmax is the gradient's softmax term. d(z LSE^2)/dlogits = 2 z LSE
+    softmax: the softmax term scaled by f = 1 + 2 z LSE, i.e. the softmax of an LSE lowered by
+    log f (exact while f > 0: LSE > -1 / 2z)."""
+    if not z_loss:
+        return lse
+    return lse - torch.log((1 + 2 * z_loss * lse).clamp(min=torch.finfo(lse.dtype).tiny))
+
+
+def _backward_with_de(de_fwd, upstream, uniform, args, kw, dc_accum, param, group,
+                      sequence_parallel, dtype):
+    """The backward when the forward made dE (``de_fwd``, scaled by every per-token factor but
+    the upstream gradient ``upstream``, a scalar or (N,)): dE is finished (and its reduction
+    started) first, then the kernels compute only dC, which the reduction overlaps."""
+    de = de_fwd * (upstream[:, None] if upstream.dim() else upstream)
+    if uniform is not None:
+        de = uniform.add_to_de(de if de.dtype == uniform.scale.dtype else de.float())
+    work = None
+    if group is not None:
+        if OVERLAP_DE_REDUCTION and not torch.compiler.is_compiling():
+            de, work = start_reduction(de, group, scatter=sequence_parallel)
+        elif sequence_parallel:
+            de = reduce_scatter_dim0(de, group)
+        else:
+            de = all_reduce_(de, group)
+    if dc_accum is None:
+        _, dc, dbias = cce_backward(*args, skip_de=True, **kw)
+    else:
+        _, dbias = cce_backward_into(dc_accum, *args, skip_de=True, **kw)
+        dc = None
+    if work is not None:
+        work.wait()
+    if uniform is not None:
+        dc, dbias = uniform.add_to_dc(dc, dc_accum), uniform.add_to_dbias(dbias)
+    return _grads(de.to(dtype), dc, dbias, kw["bias"], param, dc_accum)
+
+
 def _grads(de, dc, dbias, bias, param, dc_accum):
     """The Function's input gradients: e, c (Megatron's placeholder once dC is in main_grad),
-    None for the 12 options, bias's, and None for ``main_grad``."""
+    None for the 12 options, bias's, and None for ``main_grad`` and ``want_de``."""
     if dc_accum is not None:
         dc = placeholder_grad(param, dc_accum)
-    return (de, dc) + (None,) * 12 + (None if bias is None else dbias, None)
+    return (de, dc) + (None,) * 12 + (None if bias is None else dbias, None, None)
 
 
 class _UniformTerm:

@@ -197,6 +197,144 @@ def test_falls_back_to_the_fused_kernels_where_torch_cannot_run_it(monkeypatch):
     monkeypatch.setattr(gemm_engine, "forward", None)  # would raise if called
     monkeypatch.setattr(gemm_engine, "backward", None)
     got = torch.autograd.grad(linear_cross_entropy(e, c, t, backend="triton"), (e, c))
-    assert len(calls) == 2  # forward and backward asked
+    assert len(calls) == 3  # the Function (may the forward make dE?), forward and backward
     for x, y in zip(got, want):
         assert rel_err(x, y.double()) < 1e-2
+
+
+def _softcapped_reference(e, c, t, start, softcap, bias, scale):
+    """float64 logits of this shard (products, bias, cap) and d(sum of CE weighted by scale)
+    / dE over the *whole* vocabulary given as (e, c); start: this shard's first row."""
+    e64 = e.detach().double().requires_grad_()
+    z = e64 @ c.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t >= 0
+    ce = torch.logsumexp(z, 1) - z.gather(1, t.clamp(min=0)[:, None])[:, 0]
+    (ce * valid * scale.double()).sum().backward()
+    return torch.logsumexp(z.detach(), 1), e64.grad
+
+
+@pytest.mark.parametrize("dtype,slack", [(torch.float32, None), (torch.float32, 0.0),
+                                         (torch.bfloat16, None), (torch.float16, None)])
+@pytest.mark.parametrize("softcap,with_bias", [(0.0, False), (6.0, True)])
+def test_forward_makes_de_with_online_rescaling(dtype, slack, softcap, with_bias, monkeypatch):
+    """forward(with_de=True) + finish_de give dE against float64 while each token's largest
+    logit keeps growing chunk after chunk (rows of c in increasing norm: the accumulator's rows
+    are rescaled many times, or, with the slack, a few), ignored tokens and targets outside the
+    shard included; dE of two shards under the global LSE add up to the whole one."""
+    if slack is not None:
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: slack)
+    n, d, v = 29, 16, 150
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(n, d, generator=g)
+    c = torch.randn(v, d, generator=g) * torch.linspace(0.2, 3.0, v)[:, None]
+    e, c = e.to(dtype), c.to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::6] = -100
+    bias = torch.randn(v, generator=g).to(dtype) if with_bias else None
+    scale = torch.rand(n, generator=g) * (t >= 0)
+    lse64, de64 = _softcapped_reference(e, c, t, 0, softcap, bias, scale)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    parts = []
+    for lo, hi in ((0, 70), (70, v)):
+        b = None if bias is None else bias[lo:hi]
+        lse, tgt, _, _, acc, ref = gemm_engine.forward(e, c[lo:hi], t, lo, CFG, False, softcap, b,
+                                                       with_de=True)
+        parts.append((lse, tgt, acc, ref))
+    lse = torch.logsumexp(torch.stack([p[0] for p in parts]), 0)
+    assert rel_err(lse, lse64) < 1e-5
+    target_logit = parts[0][1] + parts[1][1]
+    with checked_memory():
+        des = [gemm_engine.finish_de(acc, ref, lse, target_logit, scale, t, c[lo:hi], lo, CFG,
+                                     torch.float32, softcap=softcap)
+               for (_, _, acc, ref), (lo, hi) in zip(parts, ((0, 70), (70, v)))]
+    assert rel_err(des[0] + des[1], de64) < tol
+    assert torch.all(des[0][t < 0] == 0) and torch.all(des[1][t < 0] == 0)
+    whole = gemm_engine.forward(e, c, t, 0, CFG, False, softcap, bias, with_de=True)
+    de = gemm_engine.finish_de(whole[4], whole[5], whole[0], whole[1], scale, t, c, 0, CFG, dtype,
+                               softcap=softcap)
+    assert de.dtype == dtype and rel_err(de, de64) < tol
+
+
+@pytest.mark.parametrize("dtype,accumulate", [(torch.float32, False), (torch.bfloat16, True)])
+def test_backward_without_de_computes_each_row_once(dtype, accumulate, monkeypatch):
+    """backward(want_de=False) (dE came from the forward): the logits of every row of c are
+    computed exactly once (with dE in the backward, the rows lent to its accumulator are
+    computed twice), dC equals the backward's with dE, and its workspace stays in dC's rows."""
+    cfg = replace(CFG, gemm_tail_bytes=1)
+    n, d, v = 32, 16, 400
+    e, c, t = make_inputs("spread", n, d, v, dtype=dtype, seed=1)
+    lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
+    scale = torch.rand(n, generator=torch.Generator().manual_seed(2))
+    products = []
+    real = gemm_engine._mm_fp32
+
+    def counting(a, b, out, accumulate):
+        if b.shape[0] == d:  # e @ c[chunk].T: a chunk's logits
+            products.append(b.shape[1])
+        return real(a, b, out, accumulate)
+
+    monkeypatch.setattr(gemm_engine, "_mm_fp32", counting)
+    de_full, dc_full = gemm_engine.backward(e, c, t, lse, scale, 0, None, None, cfg)
+    assert sum(products) > v  # the lent rows, twice
+    products.clear()
+    dc_accum = torch.zeros(c.shape, dtype=torch.float32) if accumulate else None
+    with checked_memory():
+        de, dc = gemm_engine.backward(e, c, t, lse, scale, 0, None, None, cfg, want_de=False,
+                                      dc_accum=dc_accum)
+    assert sum(products) == v and de.numel() == 0
+    if accumulate:
+        assert dc.numel() == 0 and rel_err(dc_accum, dc_full.double()) < (
+            1e-6 if dtype == torch.float32 else 1e-2)
+    else:  # the same values, up to the order of the fp32 sums in the chunks' products
+        assert rel_err(dc, dc_full.double()) < (1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("reduction,options", [
+    ("mean", {}), ("none", {"softcap": 5.0, "z_loss": 1e-3}), ("sum", {"label_smoothing": 0.1}),
+    ("none", {"filter_eps": None})])
+def test_the_loss_makes_de_in_its_forward(reduction, options, monkeypatch):
+    """linear_cross_entropy on the gemm engine makes dE in the forward and the backward skips
+    it, with the same loss and gradients as the backward-only path; not under no_grad, nor when
+    e needs no gradient, nor with the per-entry filter."""
+    from cce_dist import linear_cross_entropy
+    from cce_dist.kernels import ops
+    from cce_dist.parallel import function
+
+    e0, c0, t = make_inputs("lm", 24, 16, 120, dtype=torch.bfloat16, seed=3)
+    t[::7] = -100
+    finished, skipped = [], []
+    real_finish, real_backward = function.cce_finish_de, function.cce_backward
+    monkeypatch.setattr(function, "cce_finish_de",
+                        lambda *a, **k: finished.append(1) or real_finish(*a, **k))
+    monkeypatch.setattr(function, "cce_backward",
+                        lambda *a, **k: skipped.append(k.get("skip_de", False))
+                        or real_backward(*a, **k))
+
+    def grads(fuse):
+        e, c = e0.clone().requires_grad_(), c0.clone().requires_grad_()
+        with mock.patch.object(function, "forward_makes_de",
+                               ops.forward_makes_de if fuse else (lambda *a: False)):
+            loss = linear_cross_entropy(e, c, t, reduction=reduction, backend="triton",
+                                        **options)
+        upstream = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+        return (loss.detach(), *torch.autograd.grad(loss, (e, c), upstream))
+
+    want = grads(False)
+    assert finished == [] and skipped == [False]
+    got = grads(True)
+    assert finished == [1] and skipped == [False, True]
+    assert torch.equal(got[0], want[0])
+    assert rel_err(got[1], want[1].double()) < 1e-2 and rel_err(got[2], want[2].double()) < 4e-3
+    if options:
+        return
+    finished.clear()
+    e, c = e0.clone().requires_grad_(), c0.clone()
+    with torch.no_grad():
+        linear_cross_entropy(e, c, t, backend="triton")
+    linear_cross_entropy(e0, c0.clone().requires_grad_(), t, backend="triton").backward()
+    linear_cross_entropy(e, c, t, backend="triton", filter_eps=2.0 ** -12).backward()
+    assert finished == []

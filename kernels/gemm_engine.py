@@ -168,66 +168,61 @@ def _chunk_dlogits_kernel(
 
 @triton.jit
 def _chunk_probs_kernel(
-    logits_ptr, p_ptr, acc_ptr, ref_ptr, bias_ptr, N, D, vc, v0, softcap, logit_scale, slack,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    logits_ptr, p_ptr, acc_ptr, ref_in_ptr, ref_out_ptr, lse_ptr, bias_ptr, N, D, vc, v0,
+    splits, softcap, logit_scale, slack,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid: (token blocks of BLOCK_N,). One program owns BLOCK_N tokens: it raises a token's
-    reference ``ref`` to the chunk's largest logit when that exceeds it by more than ``slack``
-    (rescaling the token's row of the dE accumulator ((N, D) fp32) by exp(old - new)), then
-    writes the chunk's ``exp(z - ref)`` times dz/dproduct into p ((N, vc), p's dtype)."""
+    """Grid: (token blocks of BLOCK_N, column groups of COLS). One program writes one token
+    block's COLS columns of the chunk's ``exp(z - ref)`` times dz/dproduct into p ((N, vc),
+    p's dtype). ``ref`` is each token's reference: ``ref_in`` unless the running LSE (the
+    statistics kernel's, (splits, N), which bounds every logit seen so far) exceeds it by more
+    than ``slack``, then that LSE. Column group 0 stores it in ``ref_out`` and rescales the
+    raised tokens' rows of the dE accumulator ((N, D) fp32) by exp(old - new)."""
     pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * vc
-    # Element-wise maxima, reduced once after the loop (cheaper than a reduction per step).
-    top = tl.full((BLOCK_N, BLOCK_V), float("-inf"), dtype=tl.float32)
-    for c0 in range(0, vc, BLOCK_V):
-        offs_c = c0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_c < vc
-        mask = mask_n[:, None] & mask_v[None, :]
-        z = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
-        if HAS_BIAS or HAS_SOFTCAP or HAS_SCALE:
-            z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
-                              HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
-            z = tl.where(mask, z, float("-inf"))
-        top = tl.maximum(top, z)
-    m = tl.max(top, axis=1)
-    old = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
-    # A slack above the reference keeps p <= e^slack: no overflow, and few rescales.
-    raised = mask_n & (m > old + slack)
-    ref = tl.where(raised, m, old)
-    tl.store(ref_ptr + offs_n, ref, mask=mask_n)
-    rescale = raised & (old > float("-inf"))  # the first chunk finds nothing to rescale
-    if tl.max(rescale.to(tl.int32), axis=0) > 0:
-        factor = tl.where(rescale, tl.exp(old - ref), 1.0)
-        acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            at = acc_rows + offs_d[None, :]
-            mask_d = rescale[:, None] & (offs_d < D)[None, :]
-            tl.store(at, tl.load(at, mask=mask_d, other=0.0) * factor[:, None], mask=mask_d)
+    bound = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    for s in range(0, splits):
+        bound = tl.maximum(bound, tl.load(lse_ptr + s * N + offs_n, mask=mask_n,
+                                          other=float("-inf")))
+    old = tl.load(ref_in_ptr + offs_n, mask=mask_n, other=0.0)
+    # p <= exp(bound - ref) <= e^slack: no overflow, and few rescales.
+    raised = mask_n & (bound > old + slack)
+    ref = tl.where(raised, bound, old)
+    first = (tl.zeros((BLOCK_N,), dtype=tl.int32) + pid_s) == 0  # column group 0, per token
+    tl.store(ref_out_ptr + offs_n, ref, mask=mask_n & first)
+    rescale = raised & (old > float("-inf")) & first  # the first chunk has nothing to rescale
+    factor = tl.where(rescale, tl.exp(old - ref), 1.0)
+    acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):  # masked: no memory traffic for rows left alone
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = rescale[:, None] & (offs_d < D)[None, :]
+        at = acc_rows + offs_d[None, :]
+        tl.store(at, tl.load(at, mask=mask_d, other=0.0) * factor[:, None], mask=mask_d)
     ref = tl.where(ref == float("-inf"), 0.0, ref)  # rows past N
-    out = p_ptr + offs_n.to(tl.int64)[:, None] * vc
-    for c0 in range(0, vc, BLOCK_V):
+    rows = offs_n.to(tl.int64)[:, None] * vc
+    c_begin = pid_s * COLS
+    for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
         mask_v = offs_c < vc
         mask = mask_n[:, None] & mask_v[None, :]
-        z = tl.load(rows + offs_c[None, :], mask=mask, other=0.0)
+        z = tl.load(logits_ptr + rows + offs_c[None, :], mask=mask, other=0.0)
         z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
                           HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
         g = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale, HAS_SOFTCAP,
                         HAS_SCALE)
         g = tl.where(mask, g, 0.0)
-        tl.store(out + offs_c[None, :], cast_out(g, p_ptr.dtype.element_ty, PRECISION),
+        tl.store(p_ptr + rows + offs_c[None, :], cast_out(g, p_ptr.dtype.element_ty, PRECISION),
                  mask=mask)
 
 
 @triton.jit
 def _finish_de_kernel(
     acc_ptr, ref_ptr, lse_ptr, tgt_ptr, coef_ptr, t_ptr, c_ptr, de_ptr, N, D, V, vocab_start,
-    target_weight, softcap, logit_scale,
+    stride_cv, target_weight, softcap, logit_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -251,7 +246,7 @@ def _finish_de_kernel(
     w = logits_grad(tl.where(owned, target_weight, 0.0), z_t, softcap, logit_scale,
                     HAS_SOFTCAP, HAS_SCALE)
     rows = tl.where(owned, local_t, 0).to(tl.int64)
-    c_t = tl.load(c_ptr + rows[:, None] * D + offs_d[None, :], mask=mask & owned[:, None],
+    c_t = tl.load(c_ptr + rows[:, None] * stride_cv + offs_d[None, :], mask=mask & owned[:, None],
                   other=0.0).to(tl.float32)
     de = (de - w[:, None] * c_t) * coef[:, None]
     tl.store(de_ptr + at, cast_out(de, de_ptr.dtype.element_ty, PRECISION), mask=mask)
@@ -318,8 +313,10 @@ def forward(
     at hand (one more product per chunk, which the backward then skips): ``acc`` (N, D) fp32
     holds ``sum_j exp(z_j - ref) dz_j/dproduct c_j`` and ``ref`` (N,) fp32 the reference each
     row is scaled to, raised as larger logits appear (flash attention's online rescaling, done
-    only when a logit exceeds the reference by more than :func:`probs_slack`). :func:`finish_de`
-    turns them into dE once the global LSE is known."""
+    only when the running LSE exceeds the reference by more than :func:`probs_slack`).
+    :func:`finish_de` turns them into dE once the global LSE is known. Its chunks hold
+    ``cfg.gemm_de_fw_bytes`` of fp32 logits: larger ones pass the accumulator through memory
+    fewer times."""
     n, v = e.shape[0], c.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     targets = targets.contiguous()
@@ -334,7 +331,8 @@ def forward(
             out += (torch.zeros(e.shape, dtype=torch.float32, device=e.device),
                     torch.zeros((n,), dtype=torch.float32, device=e.device))
         return out
-    chunk = _chunk_rows(n, cfg.gemm_fw_bytes, cfg.gemm_fw_chunk_v, bv, v)
+    chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de else cfg.gemm_fw_bytes,
+                        cfg.gemm_fw_chunk_v, bv, v)
     cols = max(bv, cfg.gemm_stats_cols // bv * bv)
     stats_n = min(bn, cfg.gemm_stats_n)
     # Running statistics per column group: the first chunk has the most groups.
@@ -346,6 +344,7 @@ def forward(
     if with_de:
         acc = torch.empty(e.shape, dtype=torch.float32, device=e.device)
         ref = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
+        ref_next = torch.empty_like(ref)
         p_buf = torch.empty((n * chunk,), dtype=e.dtype, device=e.device)
         precision = dot_precision(e.dtype)
     for v0 in range(0, v, chunk):
@@ -362,13 +361,15 @@ def forward(
         )
         if with_de:
             p = p_buf[: n * vc].view(n, vc)
-            _chunk_probs_kernel[(triton.cdiv(n, cfg.gemm_probs_n),)](
-                logits, p, acc, ref, tile_max if bias is None else bias, n, e.shape[1], vc, v0,
-                float(softcap), float(logit_scale), probs_slack(e.dtype), BLOCK_N=cfg.gemm_probs_n,
-                BLOCK_V=bv, BLOCK_D=cfg.out_block_d, HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
+            _chunk_probs_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
+                logits, p, acc, ref, ref_next, stats[0], tile_max if bias is None else bias, n,
+                e.shape[1], vc, v0, splits, float(softcap), float(logit_scale),
+                probs_slack(e.dtype), BLOCK_N=stats_n, BLOCK_V=bv, BLOCK_D=cfg.out_block_d,
+                COLS=cols, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+                HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
                 num_warps=cfg.gemm_stats_warps,
             )
+            ref, ref_next = ref_next, ref
             _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=v0 > 0)
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
     if sum_logits:
@@ -408,8 +409,9 @@ def finish_de(
     bn = cfg.block_n
     _finish_de_kernel[(triton.cdiv(n, bn), triton.cdiv(d, cfg.out_block_d))](
         acc, ref, lse.contiguous(), target_logit.contiguous(), coef.contiguous(),
-        targets.contiguous(), c, de, n, d, c.shape[0], vocab_start, float(target_weight),
-        float(softcap), float(logit_scale), BLOCK_N=bn, BLOCK_D=cfg.out_block_d,
+        targets.contiguous(), c, de, n, d, c.shape[0], vocab_start, c.stride(0),
+        float(target_weight), float(softcap), float(logit_scale), BLOCK_N=bn,
+        BLOCK_D=cfg.out_block_d,
         HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0,
         PRECISION=dot_precision(c.dtype if out_dtype != torch.float32 else torch.float32),
         num_warps=4,
@@ -522,7 +524,8 @@ def backward(
 
     chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, bv, v)
     if not want_de:
-        if dc_accum is not None:
+        lent_rows = triton.cdiv(n * chunk * (4 + size), d * size)
+        if dc_accum is not None or lent_rows > cfg.max_lent_fraction * v:
             run_chunks(0, v, chunk, *buffers(None, chunk), None, want_dc=True, want_de=False)
         else:
             dc_only_lent(0, chunk)

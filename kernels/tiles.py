@@ -31,7 +31,8 @@ class BlockConfig:
     tile) are pooled onto those taller tiles.
     With ``gemm`` (``kernels/gemm_engine.py``), the forward and the unfiltered or budget-filtered
     backward run their products through cuBLAS instead, on chunks of vocabulary rows whose n x
-    rows fp32 logits fill ``gemm_fw_bytes`` in the forward and ``gemm_bytes`` in the backward, at
+    rows fp32 logits fill ``gemm_fw_bytes`` in the forward (``gemm_de_fw_bytes`` when the forward
+    also makes dE) and ``gemm_bytes`` in the backward, at
     most ``gemm_fw_chunk_v`` / ``gemm_chunk_v`` rows (fewer tokens, taller chunks: the launches,
     not the products, would otherwise bound a short batch's time); the forward's statistics
     kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program; the backward's last
@@ -70,7 +71,7 @@ class BlockConfig:
     gemm_stats_n: int = 32
     gemm_stats_cols: int = 512
     gemm_stats_warps: int = 8
-    gemm_probs_n: int = 16
+    gemm_de_fw_bytes: int = 64 << 20
     gemm_num_warps: int = 8
 
     def __post_init__(self) -> None:
@@ -95,7 +96,7 @@ INTERPRETER_CONFIG = BlockConfig(
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
-    gemm_stats_cols=32, gemm_stats_warps=1, gemm_probs_n=8, gemm_num_warps=1,
+    gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1,
 )
 
 

@@ -172,7 +172,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                c, vocab_start, group is not None or smoothing,
                                1.0 - label_smoothing, softcap)
             del acc, ref
-        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree, de)
+        ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree)
+        # Not a saved tensor: the backward scales it in place (one dE in memory, not two) and
+        # drops it; a second backward (retain_graph) computes dE the usual way.
+        ctx.de_fwd = de
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss, softcap)
         ctx.param = c if main_grad else None  # the parameter itself: its main_grad at backward
@@ -182,7 +185,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None):
-        e, c, targets, lse, tile_max, valid, bias, agree, de_fwd = ctx.saved_tensors
+        e, c, targets, lse, tile_max, valid, bias, agree = ctx.saved_tensors
+        de_fwd, ctx.de_fwd = ctx.de_fwd, None
         (reduction, filter_eps, vocab_start, vocab_size, backend, group, sequence_parallel,
          label_smoothing, z_loss, softcap) = ctx.config
         grad_out = grad_out.to(lse.dtype)
@@ -261,7 +265,7 @@ def _backward_with_de(de_fwd, upstream, uniform, args, kw, dc_accum, param, grou
     """The backward when the forward made dE (``de_fwd``, scaled by every per-token factor but
     the upstream gradient ``upstream``, a scalar or (N,)): dE is finished (and its reduction
     started) first, then the kernels compute only dC, which the reduction overlaps."""
-    de = de_fwd * (upstream[:, None] if upstream.dim() else upstream)
+    de = de_fwd.mul_(upstream[:, None] if upstream.dim() else upstream)
     if uniform is not None:
         de = uniform.add_to_de(de if de.dtype == uniform.scale.dtype else de.float())
     work = None

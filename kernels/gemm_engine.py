@@ -291,6 +291,19 @@ def _chunk_rows(n: int, limit_bytes: int, chunk: int, block_v: int, v: int,
     return max(block_v, min(rows, triton.cdiv(v, block_v) * block_v) // block_v * block_v)
 
 
+def _lent_split(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig) -> int:
+    """The backward's first row of dC lent to its workspace when it computes dE (v: none)."""
+    chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, cfg.block_v, v)
+    return workspace_split(n, d, v, chunk, cfg.block_v, itemsize, cfg.max_lent_fraction,
+                           chunk_itemsize=4 + itemsize)
+
+
+def backward_lends_rows(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig) -> bool:
+    """Whether a backward that computes dE would lend rows of dC to its workspace (and compute
+    their logits twice): where making dE in the forward pays (``gemm_de_in_forward="lent"``)."""
+    return 0 < n and _lent_split(n, d, v, itemsize, cfg) < v
+
+
 def forward(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -530,8 +543,7 @@ def backward(
         else:
             dc_only_lent(0, chunk)
         return e.new_empty((0,), dtype=de_dtype), dc
-    split = v if dc_accum is not None else workspace_split(
-        n, d, v, chunk, bv, size, cfg.max_lent_fraction, chunk_itemsize=4 + size)
+    split = v if dc_accum is not None else _lent_split(n, d, v, size, cfg)
     if split == v:  # no rows lent: the workspace has buffers of its own
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         out = {}

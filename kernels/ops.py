@@ -79,9 +79,7 @@ def cce_forward(
                              logit_scale=logit_scale)
 
 
-def forward_makes_de(e: torch.Tensor, backend: str) -> bool:
-    """Whether :func:`cce_forward_with_de` can make dE for ``e`` (the gemm engine's), so that
-    the backward (``skip_de=True``) computes only dC."""
+def _gemm_engine_runs(e: torch.Tensor, backend: str) -> bool:
     if backend != "triton":
         return False
     from . import gemm_engine
@@ -89,12 +87,28 @@ def forward_makes_de(e: torch.Tensor, backend: str) -> bool:
     return default_config(e.device, e.dtype).gemm and gemm_engine.supported(e)
 
 
+def forward_makes_de(e: torch.Tensor, c: torch.Tensor, backend: str) -> bool:
+    """Whether the loss's forward should make dE (:func:`cce_forward_with_de`), so that the
+    backward (``skip_de=True``) computes only dC: on the gemm engine, as its config's
+    ``gemm_de_in_forward`` says ("lent": where the backward would otherwise lend dC's rows to its
+    workspace and compute their logits twice)."""
+    if not _gemm_engine_runs(e, backend):
+        return False
+    from . import gemm_engine
+
+    cfg = default_config(e.device, e.dtype)
+    if cfg.gemm_de_in_forward == "lent":
+        return gemm_engine.backward_lends_rows(e.shape[0], e.shape[1], c.shape[0],
+                                               e.element_size(), cfg)
+    return cfg.gemm_de_in_forward == "always"
+
+
 @torch.library.custom_op("cce_dist::forward_with_de", mutates_args=())
 def cce_forward_with_de(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int,
     sum_logits: bool = False, softcap: float = 0.0, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`cce_forward` on the Triton backend (where :func:`forward_makes_de`) that also
+    """:func:`cce_forward` on the gemm engine (see :func:`forward_makes_de`) that also
     returns the softmax half of dE while the logits are at hand: ``acc`` (N, D) fp32 and
     ``ref`` (N,) fp32 (``gemm_engine.forward``), for :func:`cce_finish_de`."""
     from . import gemm_engine
@@ -187,7 +201,7 @@ def cce_backward(
     ``ent_scale``, ``mean_logit`` (N,) fp32: add ``ent_scale_n p_j (z_j - mean_logit_n)`` to
     the logits' gradient (an entropy's, weighed by minus its upstream gradient);
     ``logit_scale``: as in :func:`cce_forward`; ``skip_de``: dE came from
-    :func:`cce_forward_with_de` (needs :func:`forward_makes_de`): an empty dE is returned."""
+    :func:`cce_forward_with_de` (the gemm engine only): an empty dE is returned."""
     return _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps, backend,
                      de_fp32, None, vocab_size, target_weight, softcap, uniform_weight, bias,
                      ent_scale, mean_logit, logit_scale, skip_de=skip_de)
@@ -285,9 +299,9 @@ def _backward(e, c, targets, lse, grad_scale, tile_max, vocab_start, filter_eps,
               skip_de=False):
     _check_scale(logit_scale, bias)
     grad_filter = decode_filter(filter_eps)
-    if skip_de and (not forward_makes_de(e, backend) or ent_scale is not None or (
+    if skip_de and (not _gemm_engine_runs(e, backend) or ent_scale is not None or (
             grad_filter is not None and grad_filter.kind != "budget")):
-        raise ValueError("skip_de needs the gemm engine (forward_makes_de), no entropy term, "
+        raise ValueError("skip_de needs the gemm engine, no entropy term, "
                          "and no filter or the budget filter")
     if dc_accum is not None and (dc_accum.shape != c.shape or not dc_accum.is_floating_point()
                                  or dc_accum.device != c.device):

@@ -36,7 +36,11 @@ class BlockConfig:
     most ``gemm_fw_chunk_v`` / ``gemm_chunk_v`` rows (fewer tokens, taller chunks: the launches,
     not the products, would otherwise bound a short batch's time); the forward's statistics
     kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program; the backward's last
-    lent rows use ``tail_chunk_v`` rows within ``gemm_tail_bytes``. The per-entry filter keeps
+    lent rows use ``tail_chunk_v`` rows within ``gemm_tail_bytes``. ``gemm_de_in_forward``:
+    where the loss's forward makes dE while the logits are at hand, and the backward only dC
+    ("always", "never", or "lent": where the backward would lend dC's rows to its dE
+    accumulator and compute their logits twice; elsewhere the extra pass in the forward costs
+    more than it saves, measured in BENCHMARKS.md). The per-entry filter keeps
     the fused tile kernels, which skip work.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
@@ -71,7 +75,8 @@ class BlockConfig:
     gemm_stats_n: int = 32
     gemm_stats_cols: int = 512
     gemm_stats_warps: int = 8
-    gemm_de_fw_bytes: int = 64 << 20
+    gemm_de_fw_bytes: int = 128 << 20
+    gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
 
     def __post_init__(self) -> None:
@@ -96,7 +101,7 @@ INTERPRETER_CONFIG = BlockConfig(
     tail_chunk_v=32, num_warps=1, num_stages=1, mm_num_warps=1, mm_num_stages=1, target_programs=4,
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
-    gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1,
+    gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1, gemm_de_in_forward="always",
 )
 
 

@@ -13,10 +13,11 @@ With a group, ``c`` is this rank's contiguous vocabulary shard starting at globa
   reduction starts as soon as the kernels have finished dE and runs while the last dC work is
   computed (eager mode; under torch.compile it follows the backward).
 
-When ``e`` will get a gradient and the gemm engine runs (``forward_makes_de``), dE is made in
-the forward instead, while each chunk's logits are at hand (one product more there, one less in
-the backward, and no row of dC computed twice), and saved: the backward multiplies it by the
-upstream gradient, starts its reduction at once and computes only dC meanwhile.
+When ``e`` will get a gradient and ``forward_makes_de`` says so (the gemm engine, where its
+backward would compute some rows' logits twice), dE is made in the forward instead, while each
+chunk's logits are at hand (one product more there, one less in the backward, and no row of dC
+computed twice), and kept: the backward scales it by the upstream gradient, starts its
+reduction at once and computes only dC meanwhile.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             e = all_gather_dim0(e, group)
         smoothing = label_smoothing > 0
         grad_filter = decode_filter(filter_eps)
-        fuse_de = (want_de and forward_makes_de(e, backend)
+        fuse_de = (want_de and forward_makes_de(e, c, backend)
                    and (grad_filter is None or grad_filter.kind == "budget")
                    and not (smoothing and softcap > 0))
         if fuse_de:

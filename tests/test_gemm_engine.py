@@ -345,3 +345,18 @@ def test_the_loss_makes_de_in_its_forward(reduction, options, monkeypatch):
     linear_cross_entropy(e0, c0.clone().requires_grad_(), t, backend="triton").backward()
     linear_cross_entropy(e, c, t, backend="triton", filter_eps=2.0 ** -12).backward()
     assert finished == []
+
+
+def test_the_forward_makes_de_where_the_backward_would_lend_rows():
+    """On the GPU's config the forward makes dE only where the backward would otherwise lend
+    dC's rows to its dE accumulator (8192 x 4096 x 128256: yes; 4096 x 1024 x 128256 and a
+    shard of 64128 rows: no, their workspace gets buffers of its own)."""
+    from cce_dist.kernels.tiles import GPU_CONFIG
+
+    def lends(n, d, v):
+        return gemm_engine.backward_lends_rows(n, d, v, 2, GPU_CONFIG)
+
+    assert GPU_CONFIG.gemm_de_in_forward == "lent" and CFG.gemm_de_in_forward == "always"
+    assert lends(8192, 4096, 128256) and lends(8192, 2304, 256000)
+    assert not lends(4096, 1024, 128256) and not lends(8192, 4096, 64128)
+    assert not lends(0, 4096, 128256)

@@ -538,6 +538,7 @@ def backward(
 
     chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, bv, v)
     if not want_de:
+        chunk = _chunk_rows(n, cfg.gemm_dc_bytes, cfg.gemm_chunk_v, bv, v)
         lent_rows = triton.cdiv(n * chunk * (4 + size), d * size)
         if dc_accum is not None or lent_rows > cfg.max_lent_fraction * v:
             run_chunks(0, v, chunk, *buffers(None, chunk), None, want_dc=True, want_de=False)

@@ -32,7 +32,7 @@ class BlockConfig:
     With ``gemm`` (``kernels/gemm_engine.py``), the forward and the unfiltered or budget-filtered
     backward run their products through cuBLAS instead, on chunks of vocabulary rows whose n x
     rows fp32 logits fill ``gemm_fw_bytes`` in the forward (``gemm_de_fw_bytes`` when the forward
-    also makes dE) and ``gemm_bytes`` in the backward, at
+    also makes dE) and ``gemm_bytes`` in the backward (``gemm_dc_bytes`` when it makes only dC), at
     most ``gemm_fw_chunk_v`` / ``gemm_chunk_v`` rows (fewer tokens, taller chunks: the launches,
     not the products, would otherwise bound a short batch's time); the forward's statistics
     kernel takes ``gemm_stats_n`` x ``gemm_stats_cols`` logits per program; the backward's last
@@ -76,6 +76,7 @@ class BlockConfig:
     gemm_stats_cols: int = 512
     gemm_stats_warps: int = 8
     gemm_de_fw_bytes: int = 128 << 20
+    gemm_dc_bytes: int = 64 << 20
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
 

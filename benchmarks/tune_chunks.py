@@ -72,7 +72,8 @@ def main() -> None:
                           int(lent[1]) if len(lent) > 1 else None,
                           int(lent[2]) if len(lent) > 2 else None)
             rows.append(row)
-            print(f"{row['shape']:>18} fw {fw_mb:>4} MB bw {bw_mb:>4} MB lent {row['lent']} dE-fw {row['de_fw_mb']} MB dC-bw {row['dc_mb']} MB  fw {row['fw_ms']:6.2f} ms"
+            print(f"{row['shape']:>18} fw {fw_mb:>4} MB bw {bw_mb:>4} MB lent {row['lent']}"
+                  f" dE-fw {row['de_fw_mb']} MB dC-bw {row['dc_mb']} MB  fw {row['fw_ms']:6.2f} ms"
                   f"  fw+bw {row['fwbw_ms']:6.2f} ms  peak {row['peak_mb']:6.0f} MB"
                   f" (grads {row['grads_mb']:.0f})", flush=True)
     if args.json:

@@ -76,7 +76,7 @@ class BlockConfig:
     gemm_stats_cols: int = 512
     gemm_stats_warps: int = 8
     gemm_de_fw_bytes: int = 128 << 20
-    gemm_dc_bytes: int = 64 << 20
+    gemm_dc_bytes: int = 128 << 20
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
 

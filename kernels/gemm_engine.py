@@ -47,7 +47,6 @@ def probs_slack(dtype: torch.dtype) -> float:
     fp16's underflow."""
     return 8.0 if dtype == torch.float16 else 16.0
 
-
 @triton.jit
 def _chunk_stats_kernel(
     logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
@@ -169,18 +168,22 @@ def _chunk_dlogits_kernel(
 
 @triton.jit
 def _chunk_probs_kernel(
-    logits_ptr, p_ptr, acc_ptr, ref_in_ptr, ref_out_ptr, lse_ptr, bias_ptr, N, D, vc, v0,
-    splits, softcap, logit_scale, slack,
+    logits_ptr, p_ptr, acc_ptr, ref_in_ptr, ref_out_ptr, lse_ptr, bias_ptr, t_ptr, resid_ptr,
+    N, D, V, vc, v0, vocab_start, splits, softcap, logit_scale, slack,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ROUNDED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token blocks of BLOCK_N, column groups of COLS). One program writes one token
     block's COLS columns of the chunk's ``exp(z - ref)`` times dz/dproduct into p ((N, vc),
     p's dtype). ``ref`` is each token's reference: ``ref_in`` unless the running LSE (the
     statistics kernel's, (splits, N), which bounds every logit seen so far) exceeds it by more
     than ``slack``, then that LSE. Column group 0 stores it in ``ref_out`` and rescales the
-    raised tokens' rows of the dE accumulator ((N, D) fp32) by exp(old - new)."""
+    raised tokens' rows of the dE accumulator ((N, D) fp32) by exp(old - new). With ``ROUNDED``
+    (p in 16 bits) it also keeps, for the token whose target column it holds, what rounding
+    took from the target's p (``resid`` (2, N): the value, and the reference it is scaled
+    to): with p_t near 1, dE's target term ``(p_t - 1) c_t`` would otherwise be lost in p_t's
+    rounding."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -205,6 +208,9 @@ def _chunk_probs_kernel(
         tl.store(at, tl.load(at, mask=mask_d, other=0.0) * factor[:, None], mask=mask_d)
     ref = tl.where(ref == float("-inf"), 0.0, ref)  # rows past N
     rows = offs_n.to(tl.int64)[:, None] * vc
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    lost = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    held = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.int32)
     c_begin = pid_s * COLS
     for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
         offs_c = c0 + tl.arange(0, BLOCK_V)
@@ -216,20 +222,29 @@ def _chunk_probs_kernel(
         g = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale, HAS_SOFTCAP,
                         HAS_SCALE)
         g = tl.where(mask, g, 0.0)
-        tl.store(p_ptr + rows + offs_c[None, :], cast_out(g, p_ptr.dtype.element_ty, PRECISION),
-                 mask=mask)
+        g_out = cast_out(g, p_ptr.dtype.element_ty, PRECISION)
+        tl.store(p_ptr + rows + offs_c[None, :], g_out, mask=mask)
+        if ROUNDED:
+            hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
+            lost = tl.where(hit, g - g_out.to(tl.float32), lost)
+            held = tl.where(hit, 1, held)
+    if ROUNDED:  # element-wise in the loop, reduced once (each token's target is one column)
+        has = tl.max(held, axis=1) > 0
+        tl.store(resid_ptr + offs_n, tl.sum(lost, axis=1), mask=has)
+        tl.store(resid_ptr + N + offs_n, ref, mask=has)
 
 
 @triton.jit
 def _finish_de_kernel(
-    acc_ptr, ref_ptr, lse_ptr, tgt_ptr, coef_ptr, t_ptr, c_ptr, de_ptr, N, D, V, vocab_start,
-    stride_cv, target_weight, softcap, logit_scale,
+    acc_ptr, ref_ptr, resid_ptr, lse_ptr, tgt_ptr, coef_ptr, t_ptr, c_ptr, de_ptr, N, D, V,
+    vocab_start, stride_cv, target_weight, softcap, logit_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token blocks, column blocks of D). One program owns a (BLOCK_N, BLOCK_D) block of
-    dE: ``coef * (acc * exp(ref - lse) - target_weight * dz_t/dproduct * c[t])``, the target
-    term only where this shard holds the target."""
+    dE: ``coef * (acc * exp(ref - lse) + (lost - target_weight * dz_t/dproduct) * c[t])``, the
+    target term only where this shard holds the target (``lost``: what p_t's rounding took,
+    ``resid`` of the probabilities kernel, under the LSE)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,6 +261,9 @@ def _finish_de_kernel(
     z_t = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0.0)
     w = logits_grad(tl.where(owned, target_weight, 0.0), z_t, softcap, logit_scale,
                     HAS_SOFTCAP, HAS_SCALE)
+    lost = tl.load(resid_ptr + offs_n, mask=mask_n, other=0.0)
+    lost_ref = tl.load(resid_ptr + N + offs_n, mask=mask_n, other=float("-inf"))
+    w -= tl.where(owned, lost * tl.exp(lost_ref - lse), 0.0)
     rows = tl.where(owned, local_t, 0).to(tl.int64)
     c_t = tl.load(c_ptr + rows[:, None] * stride_cv + offs_d[None, :], mask=mask & owned[:, None],
                   other=0.0).to(tl.float32)
@@ -323,12 +341,14 @@ def forward(
     ``cfg.block_v`` tiles; all of the finished logits (plus ``bias`` (V,), then capped by
     ``softcap`` when it is > 0).
 
-    ``with_de`` adds ``(acc, ref)``: the softmax half of dE, unnormalized, while the logits are
-    at hand (one more product per chunk, which the backward then skips): ``acc`` (N, D) fp32
-    holds ``sum_j exp(z_j - ref) dz_j/dproduct c_j`` and ``ref`` (N,) fp32 the reference each
-    row is scaled to, raised as larger logits appear (flash attention's online rescaling, done
-    only when the running LSE exceeds the reference by more than :func:`probs_slack`).
-    :func:`finish_de` turns them into dE once the global LSE is known. Its chunks hold
+    ``with_de`` adds ``(acc, ref, resid)``: the softmax half of dE, unnormalized, while the
+    logits are at hand (one more product per chunk, which the backward then skips): ``acc``
+    (N, D) fp32 holds ``sum_j exp(z_j - ref) dz_j/dproduct c_j`` and ``ref`` (N,) fp32 the
+    reference each row is scaled to, raised as larger logits appear (flash attention's online
+    rescaling, done only when the running LSE exceeds the reference by more than
+    :func:`probs_slack`); ``resid`` (2, N) fp32 what the 16-bit rounding of each target's p took
+    (see ``_chunk_probs_kernel``). :func:`finish_de` turns them into dE once the global LSE is
+    known. Its chunks hold
     ``cfg.gemm_de_fw_bytes`` of fp32 logits: larger ones pass the accumulator through memory
     fewer times."""
     n, v = e.shape[0], c.shape[0]
@@ -343,7 +363,8 @@ def forward(
         out = (lse, torch.zeros((n,), dtype=torch.float32, device=e.device), tile_max, zsum)
         if with_de:
             out += (torch.zeros(e.shape, dtype=torch.float32, device=e.device),
-                    torch.zeros((n,), dtype=torch.float32, device=e.device))
+                    torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device),
+                    _no_residual(n, e.device))
         return out
     chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de else cfg.gemm_fw_bytes,
                         cfg.gemm_fw_chunk_v, bv, v)
@@ -359,6 +380,7 @@ def forward(
         acc = torch.empty(e.shape, dtype=torch.float32, device=e.device)
         ref = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
         ref_next = torch.empty_like(ref)
+        resid = _no_residual(n, e.device)
         p_buf = torch.empty((n * chunk,), dtype=e.dtype, device=e.device)
         precision = dot_precision(e.dtype)
     for v0 in range(0, v, chunk):
@@ -376,11 +398,12 @@ def forward(
         if with_de:
             p = p_buf[: n * vc].view(n, vc)
             _chunk_probs_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-                logits, p, acc, ref, ref_next, stats[0], tile_max if bias is None else bias, n,
-                e.shape[1], vc, v0, splits, float(softcap), float(logit_scale),
-                probs_slack(e.dtype), BLOCK_N=stats_n, BLOCK_V=bv, BLOCK_D=cfg.out_block_d,
-                COLS=cols, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
+                logits, p, acc, ref, ref_next, stats[0], tile_max if bias is None else bias,
+                targets, resid, n, e.shape[1], v, vc, v0, vocab_start, splits, float(softcap),
+                float(logit_scale), probs_slack(e.dtype), BLOCK_N=stats_n, BLOCK_V=bv,
+                BLOCK_D=cfg.out_block_d, COLS=cols, HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0,
+                ROUNDED=e.dtype != torch.float32, PRECISION=precision,
                 num_warps=cfg.gemm_stats_warps,
             )
             ref, ref_next = ref_next, ref
@@ -393,13 +416,21 @@ def forward(
     else:
         zsum = stats.new_zeros((0,))
     if with_de:
-        return lse, stats[1].sum(0), tile_max, zsum, acc, ref
+        return lse, stats[1].sum(0), tile_max, zsum, acc, ref, resid
     return lse, stats[1].sum(0), tile_max, zsum
+
+
+def _no_residual(n: int, device: torch.device) -> torch.Tensor:
+    """(2, n) fp32: nothing lost to rounding yet (0, under a reference of -inf)."""
+    resid = torch.zeros((2, n), dtype=torch.float32, device=device)
+    resid[1].fill_(float("-inf"))
+    return resid
 
 
 def finish_de(
     acc: torch.Tensor,
     ref: torch.Tensor,
+    resid: torch.Tensor,
     lse: torch.Tensor,
     target_logit: torch.Tensor,
     coef: torch.Tensor,
@@ -412,17 +443,18 @@ def finish_de(
     softcap: float = 0.0,
     logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """This shard's dE (N, D) in ``out_dtype`` from :func:`forward`'s ``(acc, ref)``: each row
-    ``coef_n (sum_j p_j dz_j - target_weight dz_t c_t)`` with ``p = exp(z - lse)`` under the
-    given ``lse`` (N,) (the global one), ``target_logit`` (N,) the finished target logits (for
-    the softcap's derivative) and ``coef`` (N,) fp32 per-token factors (0 at ignored tokens)."""
+    """This shard's dE (N, D) in ``out_dtype`` from :func:`forward`'s ``(acc, ref, resid)``:
+    each row ``coef_n (sum_j p_j dz_j - target_weight dz_t c_t)`` with ``p = exp(z - lse)``
+    under the given ``lse`` (N,) (the global one), ``target_logit`` (N,) the finished target
+    logits (for the softcap's derivative) and ``coef`` (N,) fp32 per-token factors (0 at
+    ignored tokens)."""
     n, d = acc.shape
     de = torch.empty((n, d), dtype=out_dtype, device=acc.device)
     if n == 0 or d == 0:
         return de
     bn = cfg.block_n
     _finish_de_kernel[(triton.cdiv(n, bn), triton.cdiv(d, cfg.out_block_d))](
-        acc, ref, lse.contiguous(), target_logit.contiguous(), coef.contiguous(),
+        acc, ref, resid, lse.contiguous(), target_logit.contiguous(), coef.contiguous(),
         targets.contiguous(), c, de, n, d, c.shape[0], vocab_start, c.stride(0),
         float(target_weight), float(softcap), float(logit_scale), BLOCK_N=bn,
         BLOCK_D=cfg.out_block_d,

@@ -96,6 +96,10 @@ def forward_makes_de(e: torch.Tensor, c: torch.Tensor, backend: str) -> bool:
         return False
     from . import gemm_engine
 
+    if e.dtype == torch.float16:
+        # dE would be kept in fp16 scaled by 1 / tokens before the loss scale lifts it: it could
+        # fall under fp16's smallest numbers, which loss scaling exists to avoid.
+        return False
     cfg = default_config(e.device, e.dtype)
     if cfg.gemm_de_in_forward == "lent":
         return gemm_engine.backward_lends_rows(e.shape[0], e.shape[1], c.shape[0],
@@ -107,10 +111,11 @@ def forward_makes_de(e: torch.Tensor, c: torch.Tensor, backend: str) -> bool:
 def cce_forward_with_de(
     e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor, vocab_start: int,
     sum_logits: bool = False, softcap: float = 0.0, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """:func:`cce_forward` on the gemm engine (see :func:`forward_makes_de`) that also
-    returns the softmax half of dE while the logits are at hand: ``acc`` (N, D) fp32 and
-    ``ref`` (N,) fp32 (``gemm_engine.forward``), for :func:`cce_finish_de`."""
+    returns the softmax half of dE while the logits are at hand: ``acc`` (N, D) fp32, ``ref``
+    (N,) fp32 and ``resid`` (2, N) fp32 (``gemm_engine.forward``), for :func:`cce_finish_de`."""
     from . import gemm_engine
 
     cfg = default_config(e.device, e.dtype)
@@ -123,28 +128,31 @@ def _(e, c, targets, vocab_start, sum_logits=False, softcap=0.0, bias=None):
     lse, tgt, tile_max, zsum = cce_forward(e, c, targets, vocab_start, "triton", sum_logits,
                                            softcap, bias)
     return (lse, tgt, tile_max, zsum, e.new_empty(e.shape, dtype=torch.float32),
-            e.new_empty((e.shape[0],), dtype=torch.float32))
+            e.new_empty((e.shape[0],), dtype=torch.float32),
+            e.new_empty((2, e.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("cce_dist::finish_de", mutates_args=())
 def cce_finish_de(
-    acc: torch.Tensor, ref: torch.Tensor, lse: torch.Tensor, target_logit: torch.Tensor,
+    acc: torch.Tensor, ref: torch.Tensor, resid: torch.Tensor, lse: torch.Tensor,
+    target_logit: torch.Tensor,
     coef: torch.Tensor, targets: torch.Tensor, c: torch.Tensor, vocab_start: int,
     de_fp32: bool = False, target_weight: float = 1.0, softcap: float = 0.0,
 ) -> torch.Tensor:
-    """This shard's dE (N, D) from :func:`cce_forward_with_de`'s ``acc`` and ``ref``, under the
-    (global) ``lse`` (N,), times ``coef`` (N,) per token; in c's dtype, or fp32 with
-    ``de_fp32`` (``gemm_engine.finish_de``)."""
+    """This shard's dE (N, D) from :func:`cce_forward_with_de`'s ``acc``, ``ref`` and
+    ``resid``, under the (global) ``lse`` (N,), times ``coef`` (N,) per token; in c's dtype, or
+    fp32 with ``de_fp32`` (``gemm_engine.finish_de``)."""
     from . import gemm_engine
 
     cfg = default_config(c.device, c.dtype)
-    return gemm_engine.finish_de(acc, ref, lse, target_logit, coef, targets, c, vocab_start,
+    return gemm_engine.finish_de(acc, ref, resid, lse, target_logit, coef, targets, c,
+                                 vocab_start,
                                  cfg, torch.float32 if de_fp32 else c.dtype, target_weight,
                                  softcap)
 
 
 @cce_finish_de.register_fake
-def _(acc, ref, lse, target_logit, coef, targets, c, vocab_start, de_fp32=False,
+def _(acc, ref, resid, lse, target_logit, coef, targets, c, vocab_start, de_fp32=False,
       target_weight=1.0, softcap=0.0):
     return acc.new_empty(acc.shape, dtype=torch.float32 if de_fp32 else c.dtype)
 
@@ -208,9 +216,8 @@ def cce_backward(
 
 
 def _fake_de(e, de_fp32, skip_de):
-    if skip_de:
-        return e.new_empty((0,))
-    return torch.empty_like(e, dtype=loss_dtype(e.dtype) if de_fp32 else e.dtype)
+    dtype = loss_dtype(e.dtype) if de_fp32 else e.dtype
+    return e.new_empty((0,), dtype=dtype) if skip_de else torch.empty_like(e, dtype=dtype)
 
 
 @cce_backward.register_fake

@@ -135,7 +135,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                    and (grad_filter is None or grad_filter.kind == "budget")
                    and not (smoothing and softcap > 0))
         if fuse_de:
-            lse, target_logit, tile_max, logit_sum, acc, ref = cce_forward_with_de(
+            lse, target_logit, tile_max, logit_sum, acc, ref, resid = cce_forward_with_de(
                 e, c, targets, vocab_start, smoothing, softcap, bias)
         else:
             lse, target_logit, tile_max, logit_sum = cce_forward(
@@ -169,13 +169,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 coef = coef / valid.sum().clamp(min=1).to(lse.dtype)
             if agree is not None:
                 coef = torch.where(agree, coef, torch.nan)
-            de = cce_finish_de(acc, ref, _softmax_lse(lse, z_loss), target_logit, coef, targets,
-                               c, vocab_start, group is not None or smoothing,
+            de = cce_finish_de(acc, ref, resid, _softmax_lse(lse, z_loss), target_logit, coef,
+                               targets, c, vocab_start, group is not None or smoothing,
                                1.0 - label_smoothing, softcap)
-            del acc, ref
+            del acc, ref, resid
         ctx.save_for_backward(e, c, targets, lse, tile_max, valid, bias, agree)
         # Not a saved tensor: the backward scales it in place (one dE in memory, not two) and
-        # drops it; a second backward (retain_graph) computes dE the usual way.
+        # drops it; a second backward (retain_graph) computes dE the usual way. (So hooks on
+        # saved tensors, e.g. activation offloading, do not see it.) dE made here is exact: the
+        # budget filter then skips tiles of dC's products only.
         ctx.de_fwd = de
         ctx.config = (reduction, filter_eps, vocab_start, vocab_size, backend, group,
                       sequence_parallel, label_smoothing, z_loss, softcap)

@@ -218,14 +218,24 @@ def test_fuzz_vocabulary_shards_at_kernel_level(dtype, n, d, cuts, v, filter_eps
     e_kind=st.sampled_from(E_LAYOUTS), c_kind=st.sampled_from(C_LAYOUTS),
     t_kind=st.sampled_from(T_LAYOUTS), ignore=st.sampled_from(("none", "all", "random")),
     reduction=st.sampled_from(("mean", "sum", "none")), filter_eps=st.sampled_from((None, "auto")),
-    seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16), de_in_forward=st.sampled_from(("lent", "always")),
 )
 def test_fuzz_loss_and_gradients_gpu(dtype, size, e_kind, c_kind, t_kind, ignore, reduction,
-                                     filter_eps, seed):
+                                     filter_eps, seed, de_in_forward):
     """The same differential check with the kernels compiled for the GPU, at larger shapes
-    (several of the GPU's 64 x 128 tiles and 4096-row chunks)."""
-    _check_call(dtype, *size, e_kind, c_kind, t_kind, ignore, reduction, filter_eps, seed,
-                device="cuda")
+    (several of the GPU's 64 x 128 tiles and 4096-row chunks); dE made in the forward at every
+    shape too (by default it is only where the backward would lend rows, larger than these)."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from cce_dist.kernels import tiles
+
+    config = replace(tiles.GPU_CONFIG, gemm_de_in_forward=de_in_forward)
+    with mock.patch.object(tiles, "GPU_CONFIG", config), \
+            mock.patch.object(tiles, "GPU_FP32_CONFIG",
+                              replace(tiles.GPU_FP32_CONFIG, gemm_de_in_forward=de_in_forward)):
+        _check_call(dtype, *size, e_kind, c_kind, t_kind, ignore, reduction, filter_eps, seed,
+                    device="cuda")
 
 
 def test_reported_strided_targets():

@@ -241,21 +241,21 @@ def test_forward_makes_de_with_online_rescaling(dtype, slack, softcap, with_bias
     parts = []
     for lo, hi in ((0, 70), (70, v)):
         b = None if bias is None else bias[lo:hi]
-        lse, tgt, _, _, acc, ref = gemm_engine.forward(e, c[lo:hi], t, lo, CFG, False, softcap, b,
-                                                       with_de=True)
-        parts.append((lse, tgt, acc, ref))
+        lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c[lo:hi], t, lo, CFG, False,
+                                                              softcap, b, with_de=True)
+        parts.append((lse, tgt, acc, ref, resid))
     lse = torch.logsumexp(torch.stack([p[0] for p in parts]), 0)
     assert rel_err(lse, lse64) < 1e-5
     target_logit = parts[0][1] + parts[1][1]
     with checked_memory():
-        des = [gemm_engine.finish_de(acc, ref, lse, target_logit, scale, t, c[lo:hi], lo, CFG,
-                                     torch.float32, softcap=softcap)
-               for (_, _, acc, ref), (lo, hi) in zip(parts, ((0, 70), (70, v)))]
+        des = [gemm_engine.finish_de(acc, ref, resid, lse, target_logit, scale, t, c[lo:hi], lo,
+                                     CFG, torch.float32, softcap=softcap)
+               for (_, _, acc, ref, resid), (lo, hi) in zip(parts, ((0, 70), (70, v)))]
     assert rel_err(des[0] + des[1], de64) < tol
     assert torch.all(des[0][t < 0] == 0) and torch.all(des[1][t < 0] == 0)
     whole = gemm_engine.forward(e, c, t, 0, CFG, False, softcap, bias, with_de=True)
-    de = gemm_engine.finish_de(whole[4], whole[5], whole[0], whole[1], scale, t, c, 0, CFG, dtype,
-                               softcap=softcap)
+    de = gemm_engine.finish_de(whole[4], whole[5], whole[6], whole[0], whole[1], scale, t, c, 0,
+                               CFG, dtype, softcap=softcap)
     assert de.dtype == dtype and rel_err(de, de64) < tol
 
 
@@ -360,3 +360,37 @@ def test_the_forward_makes_de_where_the_backward_would_lend_rows():
     assert lends(8192, 4096, 128256) and lends(8192, 2304, 256000)
     assert not lends(4096, 1024, 128256) and not lends(8192, 4096, 64128)
     assert not lends(0, 4096, 128256)
+    from cce_dist.kernels import ops
+
+    def tensors(dtype):
+        return torch.empty(4, 8, dtype=dtype), torch.empty(10, 8, dtype=dtype)
+
+    # The interpreter's config says "always"; fp16 never (its dE, kept scaled by 1 / tokens
+    # before the loss scale lifts it, could underflow).
+    assert ops.forward_makes_de(*tensors(torch.bfloat16), "triton")
+    assert not ops.forward_makes_de(*tensors(torch.float16), "triton")
+    assert not ops.forward_makes_de(*tensors(torch.bfloat16), "reference")
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap):
+    """bf16, targets of probability 0.99 to nearly 1: dE's row is (p_t - 1) c_t + sum of the other
+    p_j c_j, tiny next to p_t, whose bf16 rounding alone (2^-9 relative) would swamp it; each
+    row stays within bf16 accuracy of float64 (the rounding of p_t is carried in fp32)."""
+    n, d, v = 32, 16, 200
+    g = torch.Generator().manual_seed(9)
+    c = torch.randn(v, d, generator=g)
+    t = torch.randperm(v, generator=g)[:n]
+    c[t] *= 3.0  # targets' rows stand out; e along them: p_t from 0.8 to nearly 1
+    e = torch.linspace(1.0, 2.2, n)[:, None] * c[t] / c[t].norm(dim=1, keepdim=True)
+    e, c = e.to(torch.bfloat16), c.to(torch.bfloat16)
+    lse64, de64 = _softcapped_reference(e, c, t, 0, softcap, None, torch.ones(n))
+    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c, t, 0, CFG, False, softcap,
+                                                          with_de=True)
+    # (Nearer 1, dE's row is ~1e-7 of p_t: below what fp32 itself resolves, on either path.)
+    confident = (torch.exp(tgt.double() - lse64) - 0.995).abs() < 0.0049  # 0.99 .. 0.9999
+    assert confident.sum() >= 8
+    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, torch.ones(n), t, c, 0, CFG,
+                               torch.float32, softcap=softcap)
+    row_err = (de.double() - de64).norm(dim=1) / de64.norm(dim=1)
+    assert row_err[confident].max() < 2e-2, row_err  # without the carried rounding: up to 30

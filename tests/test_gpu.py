@@ -70,16 +70,25 @@ def _fw_bw(e, c, t):
     return loss, de, dc
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("de_in_forward", ["lent", "always"])
+def test_torch_compile_matches_eager(de_in_forward):
     """The forward compiles as one graph (no break, so no host sync); AOTAutograd compiles the
-    backward."""
+    backward; also with dE made in the forward (by default only at larger shapes)."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from cce_dist.kernels import tiles
+
     e, c, t = make_inputs("lm", 512, 256, 5000, device="cuda", seed=2)
     t[::7] = -100
     e.requires_grad_(), c.requires_grad_()
-    want = _fw_bw(e, c, t)
-    compiled = torch.compile(lambda a, b, y: linear_cross_entropy(a, b, y), fullgraph=True)
-    loss = compiled(e, c, t)
-    got = (loss, *torch.autograd.grad(loss, (e, c)))
+    config = replace(tiles.GPU_CONFIG, gemm_de_in_forward=de_in_forward)
+    with mock.patch.object(tiles, "GPU_CONFIG", config):
+        want = _fw_bw(e, c, t)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda a, b, y: linear_cross_entropy(a, b, y), fullgraph=True)
+        loss = compiled(e, c, t)
+        got = (loss, *torch.autograd.grad(loss, (e, c)))
     # Inductor fuses the small epilogue (mask, sum, divide): the loss equal up to fp32 rounding,
     # the bf16 gradients up to a last-bit flip of a few elements (the 1/count scale rounds
     # differently), far below the kernels' own error.

@@ -42,6 +42,10 @@ def main() -> None:
             e, c, t, lse, scale, 0, None, tile_max, cfg),
         "backward gemm budget": lambda: gemm_engine.backward(
             e, c, t, lse, scale, 0, budget, tile_max, cfg),
+        # The default where the backward would lend rows: dE made in the forward, dC only after.
+        "forward gemm with dE": lambda: gemm_engine.forward(e, c, t, 0, cfg, with_de=True),
+        "backward gemm dC only": lambda: gemm_engine.backward(
+            e, c, t, lse, scale, 0, budget, tile_max, cfg, want_de=False),
         "backward fused exact": lambda: triton_backward.backward(
             e, c, t, lse, scale, 0, None, tile_max, fused),
     }
@@ -54,7 +58,8 @@ def main() -> None:
     rows["loss fw+bw (autograd)"] = loss_fwbw
     for name, f in rows.items():
         print(f"{args.shape} {args.regime:6s} {name:24s} {bench(f):8.2f} ms", flush=True)
-    for name in ("forward gemm", "backward gemm budget", "loss fw+bw (autograd)"):
+    for name in ("forward gemm", "backward gemm budget", "forward gemm with dE",
+                 "backward gemm dC only", "loss fw+bw (autograd)"):
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -219,11 +219,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             return _backward_with_de(de_fwd, upstream, uniform, args, kw, dc_accum, ctx.param,
                                      group, sequence_parallel, e.dtype)
         if group is None:
-            if dc_accum is None:
-                de, dc, dbias = cce_backward(*args, de_fp32=uniform is not None, **kw)
-            else:
-                de, dbias = cce_backward_into(dc_accum, *args, de_fp32=uniform is not None, **kw)
-                dc = None
+            de, dc, dbias = _kernels_backward(args, kw, dc_accum, de_fp32=uniform is not None)
             if uniform is not None:
                 de, dc = uniform.add_to_de(de).to(e.dtype), uniform.add_to_dc(dc, dc_accum)
                 dbias = uniform.add_to_dbias(dbias)
@@ -241,17 +237,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             de, work = pending[0]
             work.wait()
         else:
-            if dc_accum is None:
-                de, dc, dbias = cce_backward(*args, de_fp32=True, **kw)
-            else:
-                de, dbias = cce_backward_into(dc_accum, *args, de_fp32=True, **kw)
-                dc = None
+            de, dc, dbias = _kernels_backward(args, kw, dc_accum, de_fp32=True)
             if uniform is not None:
                 de = uniform.add_to_de(de)
             de = reduce_scatter_dim0(de, group) if sequence_parallel else all_reduce_(de, group)
         if uniform is not None:
             dc, dbias = uniform.add_to_dc(dc, dc_accum), uniform.add_to_dbias(dbias)
         return _grads(de.to(e.dtype), dc, dbias, bias, ctx.param, dc_accum)
+
+
+def _kernels_backward(args, kw, dc_accum, **flags):
+    """(dE, dC, d bias) from the backward op; with ``dc_accum`` (main_grad) dC is added into it
+    by ``cce_backward_into`` and None stands for it."""
+    if dc_accum is None:
+        return cce_backward(*args, **kw, **flags)
+    de, dbias = cce_backward_into(dc_accum, *args, **kw, **flags)
+    return de, None, dbias
 
 
 def _softmax_lse(lse: torch.Tensor, z_loss: float) -> torch.Tensor:
@@ -279,11 +280,7 @@ def _backward_with_de(de_fwd, upstream, uniform, args, kw, dc_accum, param, grou
             de = reduce_scatter_dim0(de, group)
         else:
             de = all_reduce_(de, group)
-    if dc_accum is None:
-        _, dc, dbias = cce_backward(*args, skip_de=True, **kw)
-    else:
-        _, dbias = cce_backward_into(dc_accum, *args, skip_de=True, **kw)
-        dc = None
+    _, dc, dbias = _kernels_backward(args, kw, dc_accum, skip_de=True)
     if work is not None:
         work.wait()
     if uniform is not None:

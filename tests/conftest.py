@@ -25,3 +25,15 @@ def backend(request):
     if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU tensors runs only under TRITON_INTERPRET=1")
     return request.param
+
+
+@pytest.fixture
+def deepspeed_on_cpu(tmp_path_factory, monkeypatch):
+    """DeepSpeed on the CPU (gloo): its accelerator, a free port, and one cache of its JIT-built
+    ops for the session."""
+    from distributed import free_port
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions")))

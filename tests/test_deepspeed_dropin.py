@@ -2,7 +2,6 @@
 that name (deepspeed.sequence.linear_cross_entropy), on the CPU: same arguments, same values and
 gradients, single process, TP=2 with uneven explicit shards, Ulysses SP=2, and SP=2 x TP=2."""
 
-import os
 
 import pytest
 import torch
@@ -10,18 +9,13 @@ import torch.distributed as dist
 
 pytest.importorskip("deepspeed")
 
-from distributed import free_port, run_ranks  # noqa: E402
+from distributed import run_ranks  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 H, V = 16, 90
 
 
-@pytest.fixture(autouse=True)
-def _cpu_deepspeed(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions")))
+pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")
 
 
 def _data(seed, tokens):

@@ -6,7 +6,6 @@ sum over the SP ranks of every parameter's gradient is that model's gradient. SP
 TP=2 on 4 ranks (vocabulary rows shared unevenly by the TP ranks)."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -16,18 +15,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
 from cce_dist.transformers import patch  # noqa: E402
-from distributed import free_port, run_ranks  # noqa: E402
+from distributed import run_ranks  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 B, S = 2, 16  # S is cut into SP slices
 
 
-@pytest.fixture(autouse=True)
-def _cpu_deepspeed(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions")))
+pytestmark = pytest.mark.usefixtures("deepspeed_on_cpu")
 
 
 def _model(vocab):

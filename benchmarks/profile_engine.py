@@ -24,6 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="8192x4096x128256")
     p.add_argument("--regime", default="lm")
+    p.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     args = p.parse_args()
     n, d, v = map(int, args.shape.split("x"))
     e, c, t = make_inputs(args.regime, n, d, v, device="cuda", seed=0)
@@ -56,10 +57,14 @@ def main() -> None:
         linear_cross_entropy(e_leaf, c_leaf, t).backward()
 
     rows["loss fw+bw (autograd)"] = loss_fwbw
+    if args.rows:
+        rows = {k: f for k, f in rows.items() if k in args.rows.split(",")}
     for name, f in rows.items():
         print(f"{args.shape} {args.regime:6s} {name:24s} {bench(f):8.2f} ms", flush=True)
     for name in ("forward gemm", "backward gemm budget", "forward gemm with dE",
                  "backward gemm dC only", "loss fw+bw (autograd)"):
+        if name not in rows:
+            continue
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

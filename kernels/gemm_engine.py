@@ -5,8 +5,10 @@ at 630-680 TFLOP/s, where Triton tiles that fuse the softmax into the product re
 So this engine walks the vocabulary in chunks and, for each chunk, lets cuBLAS write the fp32
 logits of the chunk into a small buffer, then runs one memory-bound Triton kernel over it:
 
-* forward: ``_chunk_stats_kernel`` folds the chunk into each token's running LSE, target logit
-  (and sum of logits), and records the chunk's tile maxima (the filter's bounds);
+* forward: ``_chunk_pass_kernel`` folds the chunk into each token's running LSE, target logit
+  (and sum of logits), and records the chunk's tile maxima (the filter's bounds); when the
+  forward also makes dE, the same read writes the chunk's unnormalized probabilities for cuBLAS
+  to add ``p @ C[chunk]`` into an fp32 accumulator;
 * backward: ``_chunk_dlogits_kernel`` turns the chunk into ``dl = (softmax - w * onehot) * scale``
   in the input dtype, zeroing the tiles the budget filter skips; then cuBLAS adds ``dl @ C[chunk]``
   into an fp32 dE accumulator and writes ``dC[chunk] = dl.T @ E``.
@@ -33,6 +35,7 @@ from .tiles import (
     cast_out,
     dot_precision,
     finish_logits,
+    finish_target_logits,
     local_targets,
     logits_grad,
 )
@@ -47,79 +50,13 @@ def probs_slack(dtype: torch.dtype) -> float:
     fp16's underflow."""
     return 8.0 if dtype == torch.float16 else 16.0
 
-@triton.jit
-def _chunk_stats_kernel(
-    logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr,
-    N, V, vc, v0, vocab_start, num_v_tiles, first, softcap, logit_scale,
-    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
-    SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    MEAN_LOGIT: tl.constexpr, HAS_SCALE: tl.constexpr,
-):
-    """Grid: (token blocks of BLOCK_N, column groups of COLS). One program folds one token
-    block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) into row ``pid_s`` of the
-    running statistics ((splits, N): LSE, target logit, sum of logits), and raises the maxima of
-    the (TILE_N x BLOCK_V) tiles they lie in (BLOCK_N divides TILE_N: short blocks stream
-    faster than filter tiles; the maxima start at -inf)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
-    rows = logits_ptr + offs_n.to(tl.int64)[:, None] * vc
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    c_begin = pid_s * COLS
-    for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
-        offs_c = c0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_c < vc
-        mask = mask_n[:, None] & mask_v[None, :]
-        logits = tl.load(rows + offs_c[None, :], mask=mask, other=float("-inf"))
-        if HAS_BIAS or HAS_SOFTCAP or HAS_SCALE:
-            logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap,
-                                   logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
-            logits = tl.where(mask, logits, float("-inf"))
-        row_max = tl.max(logits, axis=1)
-        tl.atomic_max(tile_max_ptr + (pid_n * BLOCK_N // TILE_N) * num_v_tiles
-                      + (v0 + c0) // BLOCK_V,
-                      tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
-        m_new = tl.maximum(m, row_max)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
-        rescale = tl.exp(m - m_safe)
-        p = tl.exp(logits - m_safe[:, None])
-        s = s * rescale + tl.sum(p, axis=1)
-        m = m_new
-        hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
-        tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)
-        if SUM_LOGITS:
-            zsum += tl.sum(tl.where(mask, logits, 0.0), axis=1)
-        if MEAN_LOGIT:  # sum_j exp(z_j - m) z_j, rescaled with s
-            zsum = zsum * rescale + tl.sum(p * tl.where(mask, logits, 0.0), axis=1)
-    s = tl.where(mask_n, s, 1.0)
-    lse = m + tl.log(s)
-    if MEAN_LOGIT:
-        zsum = zsum / s  # the softmax-weighted mean logit over these columns
-    at = pid_s * N + offs_n
-    if first:
-        tl.store(lse_ptr + at, lse, mask=mask_n)
-        tl.store(tgt_ptr + at, tgt, mask=mask_n)
-        if SUM_LOGITS or MEAN_LOGIT:
-            tl.store(zsum_ptr + at, zsum, mask=mask_n)
-    else:
-        old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
-        top = tl.maximum(old, lse)
-        w_old, w_new = tl.exp(old - top), tl.exp(lse - top)
-        tl.store(lse_ptr + at, top + tl.log(w_old + w_new), mask=mask_n)
-        tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0), mask=mask_n)
-        if SUM_LOGITS:
-            tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
-                     mask=mask_n)
-        if MEAN_LOGIT:
-            prev = tl.load(zsum_ptr + at, mask=mask_n, other=0.0)
-            tl.store(zsum_ptr + at, (w_old * prev + w_new * zsum) / (w_old + w_new),
-                     mask=mask_n)
 
+def probs_cap(dtype: torch.dtype) -> float:
+    """p is written as ``exp(min(z - ref, cap))``, ``ref`` set by the chunks before: far from
+    overflow (e^64 against fp32's and bf16's e^88; e^10 against fp16's e^11), and the rows where
+    the cap bit are recomputed (``_advance_reference_kernel``). Above the slack, so that a
+    repaired row is also a rescaled one."""
+    return 10.0 if dtype == torch.float16 else 64.0
 
 @triton.jit
 def _chunk_dlogits_kernel(
@@ -167,71 +104,183 @@ def _chunk_dlogits_kernel(
 
 
 @triton.jit
-def _chunk_probs_kernel(
-    logits_ptr, p_ptr, acc_ptr, ref_in_ptr, ref_out_ptr, lse_ptr, bias_ptr, t_ptr, resid_ptr,
-    N, D, V, vc, v0, vocab_start, splits, softcap, logit_scale, slack,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _chunk_pass_kernel(
+    logits_ptr, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr, p_ptr, ref_ptr,
+    resid_ptr, N, V, vc, v0, vocab_start, num_v_tiles, first, softcap, logit_scale, cap,
+    BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, BLOCK_V: tl.constexpr, COLS: tl.constexpr,
+    SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr, HAS_SCALE: tl.constexpr, STATS: tl.constexpr, PROBS: tl.constexpr,
     ROUNDED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid: (token blocks of BLOCK_N, column groups of COLS). One program writes one token
-    block's COLS columns of the chunk's ``exp(z - ref)`` times dz/dproduct into p ((N, vc),
-    p's dtype). ``ref`` is each token's reference: ``ref_in`` unless the running LSE (the
-    statistics kernel's, (splits, N), which bounds every logit seen so far) exceeds it by more
-    than ``slack``, then that LSE. Column group 0 stores it in ``ref_out`` and rescales the
-    raised tokens' rows of the dE accumulator ((N, D) fp32) by exp(old - new). With ``ROUNDED``
-    (p in 16 bits) it also keeps, for the token whose target column it holds, what rounding
-    took from the target's p (``resid`` (2, N): the value, and the reference it is scaled
-    to): with p_t near 1, dE's target term ``(p_t - 1) c_t`` would otherwise be lost in p_t's
-    rounding."""
+    """Grid: (token blocks of BLOCK_N, column groups of COLS). One program reads one token
+    block's COLS columns of the chunk (fp32 logits, (N, vc) row-major) once and:
+
+    * ``STATS``: folds them into row ``pid_s`` of the running statistics ((splits, N): LSE,
+      target logit, sum of logits) and raises the maxima of the (TILE_N x BLOCK_V) tiles they
+      lie in (BLOCK_N divides TILE_N; the maxima start at -inf);
+    * ``PROBS``: writes ``exp(min(z - ref, cap))`` times dz/dproduct into p ((N, vc), p's dtype),
+      ``ref`` (N,) each token's reference from the chunks before (see
+      ``_advance_reference_kernel``, which repairs the rows where ``cap`` bit). With ``ROUNDED``
+      (p in 16 bits) it keeps, for the token whose target column it holds, what rounding took
+      from the target's p (``resid`` (2, N): the value, and the reference it is scaled to): with
+      p_t near 1, dE's target term ``(p_t - 1) c_t`` would otherwise be lost in p_t's rounding.
+
+    The loop does only what every logit needs (a max, two exponentials, a store); the target
+    logit is gathered once per token after it."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_at = offs_n.to(tl.int64)[:, None] * vc
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PROBS:
+        ref = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
+    c_begin = pid_s * COLS
+    c_end = tl.minimum(c_begin + COLS, vc)
+    for c0 in range(c_begin, c_end, BLOCK_V):
+        offs_c = c0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
+        logits = tl.load(logits_ptr + row_at + offs_c[None, :], mask=mask, other=float("-inf"))
+        if HAS_BIAS or HAS_SOFTCAP or HAS_SCALE:
+            logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap,
+                                   logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+            logits = tl.where(mask, logits, float("-inf"))
+        if STATS:
+            row_max = tl.max(logits, axis=1)
+            tl.atomic_max(tile_max_ptr + (pid_n * BLOCK_N // TILE_N) * num_v_tiles
+                          + (v0 + c0) // BLOCK_V,
+                          tl.max(tl.where(mask_n, row_max, float("-inf")), axis=0))
+            m_new = tl.maximum(m, row_max)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past N
+            rescale = tl.exp(m - m_safe)
+            e_z = tl.exp(logits - m_safe[:, None])
+            s = s * rescale + tl.sum(e_z, axis=1)
+            m = m_new
+            if SUM_LOGITS:
+                zsum += tl.sum(tl.where(mask, logits, 0.0), axis=1)
+            if MEAN_LOGIT:  # sum_j exp(z_j - m) z_j, rescaled with s
+                zsum = zsum * rescale + tl.sum(e_z * tl.where(mask, logits, 0.0), axis=1)
+        if PROBS:
+            g = logits_grad(tl.exp(tl.minimum(logits - ref[:, None], cap)), logits, softcap,
+                            logit_scale, HAS_SOFTCAP, HAS_SCALE)
+            g = tl.where(mask, g, 0.0)
+            tl.store(p_ptr + row_at + offs_c[None, :],
+                     cast_out(g, p_ptr.dtype.element_ty, PRECISION), mask=mask)
+    # Each token's target is one column: gathered once here, not compared in every tile.
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    has = (local_t >= v0 + c_begin) & (local_t < v0 + c_end)
+    col = tl.where(has, local_t - v0, 0)
+    z_t = tl.load(logits_ptr + offs_n.to(tl.int64) * vc + col, mask=has, other=0.0)
+    z_t = finish_target_logits(z_t, bias_ptr, local_t, has, softcap, logit_scale, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_SCALE)
+    tgt = tl.where(has, z_t, 0.0)
+    if PROBS and ROUNDED:
+        # What rounding took from the target's p: its fp32 value again (equal up to an fp32
+        # rounding) minus what this program stored (visible to all its threads after the
+        # barrier).
+        tl.debug_barrier()
+        held = tl.load(p_ptr + offs_n.to(tl.int64) * vc + col, mask=has, other=0.0)
+        g_t = logits_grad(tl.exp(tl.minimum(z_t - ref, cap)), z_t, softcap, logit_scale,
+                          HAS_SOFTCAP, HAS_SCALE)
+        tl.store(resid_ptr + offs_n, g_t - held.to(tl.float32), mask=has)
+        tl.store(resid_ptr + N + offs_n, ref, mask=has)
+    if STATS:
+        s = tl.where(mask_n, s, 1.0)
+        lse = m + tl.log(s)
+        if MEAN_LOGIT:
+            zsum = zsum / s  # the softmax-weighted mean logit over these columns
+        at = pid_s * N + offs_n
+        if first:
+            tl.store(lse_ptr + at, lse, mask=mask_n)
+            tl.store(tgt_ptr + at, tgt, mask=mask_n)
+            if SUM_LOGITS or MEAN_LOGIT:
+                tl.store(zsum_ptr + at, zsum, mask=mask_n)
+        else:
+            old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
+            top = tl.maximum(old, lse)
+            w_old, w_new = tl.exp(old - top), tl.exp(lse - top)
+            tl.store(lse_ptr + at, top + tl.log(w_old + w_new), mask=mask_n)
+            tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0),
+                     mask=mask_n)
+            if SUM_LOGITS:
+                tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
+                         mask=mask_n)
+            if MEAN_LOGIT:
+                prev = tl.load(zsum_ptr + at, mask=mask_n, other=0.0)
+                tl.store(zsum_ptr + at, (w_old * prev + w_new * zsum) / (w_old + w_new),
+                         mask=mask_n)
+
+
+@triton.jit
+def _advance_reference_kernel(
+    acc_ptr, ref_ptr, lse_ptr, logits_ptr, p_ptr, c_ptr, bias_ptr, t_ptr, resid_ptr,
+    N, D, V, vc, v0, vocab_start, stride_cv, stride_cd, splits, softcap, logit_scale, slack,
+    cap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FIRST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    """Grid: (token blocks of BLOCK_N,). One program owns BLOCK_N tokens' rows of the dE
+    accumulator ((N, D) fp32) after a chunk's product was added to it, and sets their
+    reference ``ref`` (N,) for the next chunk: the running LSE ((splits, N), which bounds every
+    logit seen so far) where it exceeds the old one by more than ``slack``, with the row of the
+    accumulator rescaled by exp(old - new) (flash attention's online rescaling, done rarely).
+    Where it exceeds it by nearly ``cap``, the chunk's p may have been clamped
+    (``_chunk_pass_kernel``): the row's share of the chunk is recomputed from its fp32 logits
+    under the new reference, in fp32, minus what the 16-bit p held (the rare repair of a logit
+    far above every earlier chunk's). ``FIRST``: the first chunk's reference, before any p."""
+    pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     bound = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     for s in range(0, splits):
         bound = tl.maximum(bound, tl.load(lse_ptr + s * N + offs_n, mask=mask_n,
                                           other=float("-inf")))
-    old = tl.load(ref_in_ptr + offs_n, mask=mask_n, other=0.0)
-    # p <= exp(bound - ref) <= e^slack: no overflow, and few rescales.
-    raised = mask_n & (bound > old + slack)
-    ref = tl.where(raised, bound, old)
-    first = (tl.zeros((BLOCK_N,), dtype=tl.int32) + pid_s) == 0  # column group 0, per token
-    tl.store(ref_out_ptr + offs_n, ref, mask=mask_n & first)
-    rescale = raised & (old > float("-inf")) & first  # the first chunk has nothing to rescale
-    factor = tl.where(rescale, tl.exp(old - ref), 1.0)
-    acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):  # masked: no memory traffic for rows left alone
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = rescale[:, None] & (offs_d < D)[None, :]
-        at = acc_rows + offs_d[None, :]
-        tl.store(at, tl.load(at, mask=mask_d, other=0.0) * factor[:, None], mask=mask_d)
-    ref = tl.where(ref == float("-inf"), 0.0, ref)  # rows past N
-    rows = offs_n.to(tl.int64)[:, None] * vc
-    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
-    lost = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    held = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.int32)
-    c_begin = pid_s * COLS
-    for c0 in range(c_begin, tl.minimum(c_begin + COLS, vc), BLOCK_V):
-        offs_c = c0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_c < vc
-        mask = mask_n[:, None] & mask_v[None, :]
-        z = tl.load(logits_ptr + rows + offs_c[None, :], mask=mask, other=0.0)
-        z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
-                          HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
-        g = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale, HAS_SOFTCAP,
-                        HAS_SCALE)
-        g = tl.where(mask, g, 0.0)
-        g_out = cast_out(g, p_ptr.dtype.element_ty, PRECISION)
-        tl.store(p_ptr + rows + offs_c[None, :], g_out, mask=mask)
-        if ROUNDED:
-            hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
-            lost = tl.where(hit, g - g_out.to(tl.float32), lost)
-            held = tl.where(hit, 1, held)
-    if ROUNDED:  # element-wise in the loop, reduced once (each token's target is one column)
-        has = tl.max(held, axis=1) > 0
-        tl.store(resid_ptr + offs_n, tl.sum(lost, axis=1), mask=has)
-        tl.store(resid_ptr + N + offs_n, ref, mask=has)
+    if FIRST:
+        tl.store(ref_ptr + offs_n, bound, mask=mask_n)
+    else:
+        old = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
+        raised = mask_n & (bound > old + slack)
+        # Clamped p needs z - old > cap, and z <= bound: the rows to repair, and a margin for
+        # rounding (a row repaired needlessly only costs time).
+        repair = mask_n & (bound > old + (cap - 1.0))
+        ref = tl.where(raised, bound, old)
+        if tl.max(raised.to(tl.int32), axis=0) > 0:
+            tl.store(ref_ptr + offs_n, ref, mask=raised)
+            factor = tl.where(raised, tl.exp(old - ref), 1.0)
+            acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
+            fix = tl.max(repair.to(tl.int32), axis=0) > 0
+            row_at = offs_n.to(tl.int64)[:, None] * vc
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                mask = raised[:, None] & mask_d[None, :]
+                acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0) * factor[:, None]
+                if fix:
+                    for c0 in range(0, vc, BLOCK_V):
+                        offs_c = c0 + tl.arange(0, BLOCK_V)
+                        mask_v = offs_c < vc
+                        mask_z = repair[:, None] & mask_v[None, :]
+                        z = tl.load(logits_ptr + row_at + offs_c[None, :], mask=mask_z,
+                                    other=0.0)
+                        z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap,
+                                          logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+                        exact = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale,
+                                            HAS_SOFTCAP, HAS_SCALE)
+                        held = tl.load(p_ptr + row_at + offs_c[None, :], mask=mask_z,
+                                       other=0.0).to(tl.float32)
+                        x = tl.where(mask_z, exact - factor[:, None] * held, 0.0)
+                        c_rows = c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
+                        c_blk = tl.load(c_rows + offs_d[None, :] * stride_cd,
+                                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                        acc = tl.dot(x, c_blk.to(tl.float32), acc, input_precision="ieee")
+                tl.store(acc_rows + offs_d[None, :], acc, mask=mask)
+            # The repaired share is exact in fp32: no rounding of the target's p to carry.
+            local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+            inside = repair & (local_t >= v0) & (local_t < v0 + vc)
+            tl.store(resid_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=inside)
 
 
 @triton.jit
@@ -347,8 +396,9 @@ def forward(
     reference each row is scaled to, raised as larger logits appear (flash attention's online
     rescaling, done only when the running LSE exceeds the reference by more than
     :func:`probs_slack`); ``resid`` (2, N) fp32 what the 16-bit rounding of each target's p took
-    (see ``_chunk_probs_kernel``). :func:`finish_de` turns them into dE once the global LSE is
-    known. Its chunks hold
+    (see ``_chunk_pass_kernel``). :func:`finish_de` turns them into dE once the global LSE is
+    known. Each chunk's logits are read once for the statistics and p together (p under the
+    reference the chunks before set), the first chunk's twice. Its chunks hold
     ``cfg.gemm_de_fw_bytes`` of fp32 logits: larger ones pass the accumulator through memory
     fewer times."""
     n, v = e.shape[0], c.shape[0]
@@ -379,35 +429,54 @@ def forward(
     if with_de:
         acc = torch.empty(e.shape, dtype=torch.float32, device=e.device)
         ref = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
-        ref_next = torch.empty_like(ref)
         resid = _no_residual(n, e.device)
         p_buf = torch.empty((n * chunk,), dtype=e.dtype, device=e.device)
-        precision = dot_precision(e.dtype)
+    else:
+        acc = ref = resid = p_buf = None
+
+    def chunk_pass(logits, vc, v0, stats_on, p=None, ref=None):
+        _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
+            logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
+            tile_max, logits if p is None else p, tile_max if ref is None else ref,
+            resid if with_de else tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1],
+            int(v0 == 0), float(softcap), float(logit_scale), probs_cap(e.dtype), BLOCK_N=stats_n,
+            TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
+            STATS=stats_on, PROBS=p is not None, ROUNDED=e.dtype != torch.float32,
+            PRECISION=precision, num_warps=cfg.gemm_stats_warps,
+        )
+
+    def advance(logits, p, vc, v0, first):
+        _advance_reference_kernel[(triton.cdiv(n, bn),)](
+            acc, ref, stats[0], logits, p, c, tile_max if bias is None else bias, targets, resid,
+            n, d, v, vc, v0, vocab_start, c.stride(0), c.stride(1), splits, float(softcap),
+            float(logit_scale), probs_slack(e.dtype), probs_cap(e.dtype), BLOCK_N=bn,
+            BLOCK_V=min(bv, 32) if e.is_cuda else bv, BLOCK_D=min(cfg.out_block_d, 128),
+            FIRST=first, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+            HAS_SCALE=logit_scale != 1.0, num_warps=4,
+        )
+
+    precision = dot_precision(e.dtype)
+    d = e.shape[1]
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         logits = buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
-        _chunk_stats_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-            logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
-            tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], int(v0 == 0),
-            float(softcap), float(logit_scale), BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols,
-            SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-            MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
-            num_warps=cfg.gemm_stats_warps,
-        )
-        if with_de:
-            p = p_buf[: n * vc].view(n, vc)
-            _chunk_probs_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-                logits, p, acc, ref, ref_next, stats[0], tile_max if bias is None else bias,
-                targets, resid, n, e.shape[1], v, vc, v0, vocab_start, splits, float(softcap),
-                float(logit_scale), probs_slack(e.dtype), BLOCK_N=stats_n, BLOCK_V=bv,
-                BLOCK_D=cfg.out_block_d, COLS=cols, HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap > 0, HAS_SCALE=logit_scale != 1.0,
-                ROUNDED=e.dtype != torch.float32, PRECISION=precision,
-                num_warps=cfg.gemm_stats_warps,
-            )
-            ref, ref_next = ref_next, ref
-            _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=v0 > 0)
+        if not with_de:
+            chunk_pass(logits, vc, v0, True)
+            continue
+        # One read of the logits makes the statistics and p under the reference of the chunks
+        # before; the first chunk, which has none, is read twice.
+        p = p_buf[: n * vc].view(n, vc)
+        if v0 == 0:
+            chunk_pass(logits, vc, v0, True)
+            advance(logits, p, vc, v0, True)
+            chunk_pass(logits, vc, v0, False, p, ref)
+            _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=False)
+        else:
+            chunk_pass(logits, vc, v0, True, p, ref)
+            _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=True)
+            advance(logits, p, vc, v0, False)
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)
     if sum_logits:
         zsum = stats[2].sum(0)

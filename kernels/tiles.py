@@ -189,6 +189,22 @@ def finish_logits(raw, bias_ptr, offs_v, mask_v, softcap, logit_scale,
 
 
 @triton.jit
+def finish_target_logits(raw, bias_ptr, cols, mask, softcap, logit_scale,
+                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_SCALE: tl.constexpr):
+    """:func:`finish_logits` of one column per row: raw (BLOCK_N,) fp32 products at this
+    shard's columns ``cols`` (BLOCK_N,)."""
+    z = raw
+    if HAS_SCALE:
+        z = z * logit_scale
+    if HAS_BIAS:
+        z = z + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
 def logits_grad(g, z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr):
     """The gradient ``g`` of the finished logits ``z`` -> that of the bias (the softcap's
     ``1 - tanh^2 = 1 - (z / softcap)^2``), then of the products (times ``logit_scale``): the

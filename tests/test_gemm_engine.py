@@ -217,16 +217,21 @@ def _softcapped_reference(e, c, t, start, softcap, bias, scale):
     return torch.logsumexp(z.detach(), 1), e64.grad
 
 
-@pytest.mark.parametrize("dtype,slack", [(torch.float32, None), (torch.float32, 0.0),
-                                         (torch.bfloat16, None), (torch.float16, None)])
+@pytest.mark.parametrize("dtype,slack,cap", [(torch.float32, None, None), (torch.float32, 0.0, None),
+                                             (torch.float32, 0.0, 1.5), (torch.bfloat16, None, None),
+                                             (torch.bfloat16, 0.0, 1.5), (torch.float16, None, None)])
 @pytest.mark.parametrize("softcap,with_bias", [(0.0, False), (6.0, True)])
-def test_forward_makes_de_with_online_rescaling(dtype, slack, softcap, with_bias, monkeypatch):
+def test_forward_makes_de_with_online_rescaling(dtype, slack, cap, softcap, with_bias,
+                                                 monkeypatch):
     """forward(with_de=True) + finish_de give dE against float64 while each token's largest
     logit keeps growing chunk after chunk (rows of c in increasing norm: the accumulator's rows
-    are rescaled many times, or, with the slack, a few), ignored tokens and targets outside the
-    shard included; dE of two shards under the global LSE add up to the whole one."""
+    are rescaled many times, or, with the slack, a few; with a tiny cap on p, most rows of
+    every chunk are clamped and repaired), ignored tokens and targets outside the shard
+    included; dE of two shards under the global LSE add up to the whole one."""
     if slack is not None:
         monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: slack)
+    if cap is not None:
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: cap)
     n, d, v = 29, 16, 150
     g = torch.Generator().manual_seed(5)
     e = torch.randn(n, d, generator=g)
@@ -372,11 +377,16 @@ def test_the_forward_makes_de_where_the_backward_would_lend_rows():
     assert not ops.forward_makes_de(*tensors(torch.bfloat16), "reference")
 
 
-@pytest.mark.parametrize("softcap", [0.0, 30.0])
-def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap):
+@pytest.mark.parametrize("softcap,repair", [(0.0, False), (30.0, False), (0.0, True)])
+def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap, repair, monkeypatch):
     """bf16, targets of probability 0.99 to nearly 1: dE's row is (p_t - 1) c_t + sum of the other
     p_j c_j, tiny next to p_t, whose bf16 rounding alone (2^-9 relative) would swamp it; each
-    row stays within bf16 accuracy of float64 (the rounding of p_t is carried in fp32)."""
+    row stays within bf16 accuracy of float64 (the rounding of p_t is carried in fp32). With
+    ``repair``, p is capped so low that the rows are recomputed in fp32 chunk after chunk: the
+    rounding carried must then not count twice."""
+    if repair:
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: 1.5)
     n, d, v = 32, 16, 200
     g = torch.Generator().manual_seed(9)
     c = torch.randn(v, d, generator=g)
@@ -394,3 +404,59 @@ def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap):
                                torch.float32, softcap=softcap)
     row_err = (de.double() - de64).norm(dim=1) / de64.norm(dim=1)
     assert row_err[confident].max() < 2e-2, row_err  # without the carried rounding: up to 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_forward_de_survives_a_chunk_far_above_the_ones_before(dtype, with_bias):
+    """A later chunk's logits about 100 above every earlier chunk's LSE (p under the earlier
+    reference would overflow even fp32: e^100): the clamped rows are recomputed in fp32 and dE
+    matches float64, targets inside the far chunk (whose rounding residual the repair replaces)
+    and outside it. Also the chunk after it, back at ordinary logits."""
+    n, d, v = 24, 16, 200
+    chunk = CFG.gemm_fw_chunk_v
+    g = torch.Generator().manual_seed(11)
+    e = torch.randn(n, d, generator=g)
+    c = torch.randn(v, d, generator=g) * 0.3
+    far = slice(2 * chunk, 3 * chunk)
+    c[far] *= 60.0
+    e, c = e.to(dtype), c.to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[: n // 2] = torch.randint(far.start, far.stop, (n // 2,), generator=g)
+    t[5] = -100
+    bias = torch.randn(v, generator=g).to(dtype) if with_bias else None
+    scale = torch.rand(n, generator=g) * (t >= 0)
+    lse64, de64 = _softcapped_reference(e, c, t, 0, 0.0, bias, scale)
+    z64 = e.double() @ c.double().T + (0 if bias is None else bias.double())
+    early = torch.logsumexp(z64[:, : far.start], 1)
+    assert (z64[:, far].max(1).values - early).min() > 70  # p would overflow without the repair
+    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c, t, 0, CFG, False, 0.0, bias,
+                                                          with_de=True)
+    assert rel_err(lse, lse64) < 1e-5 and torch.isfinite(acc).all()
+    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, scale, t, c, 0, CFG, torch.float32)
+    assert rel_err(de, de64) < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+
+
+def test_a_repaired_row_does_not_count_the_targets_rounding_twice(monkeypatch):
+    """bf16, slack 0 and cap 8: a chunk whose confident target (p_t about 0.999) sits 7.0-7.7
+    above the reference is written unclamped, with its rounding carried, yet its row is
+    recomputed in fp32 (the repair starts 1 below the cap), which already holds that rounding:
+    dE's row, ~1e-3 of p_t, stays within bf16 accuracy of float64 only if the carried rounding
+    is dropped there. The logits are laid out exactly: e is the identity, c the logits."""
+    monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
+    monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: 8.0)
+    n = d = 16
+    v, chunk = 150, CFG.gemm_fw_chunk_v
+    g = torch.Generator().manual_seed(12)
+    z = torch.rand(n, v, generator=g) * 0.2 - 0.1
+    t = 2 * chunk + 4 + torch.arange(n)
+    z[torch.arange(n), t] = torch.linspace(11.6, 12.3, n)
+    e, c = torch.eye(n).to(torch.bfloat16), z.T.contiguous().to(torch.bfloat16)
+    lse64, de64 = _softcapped_reference(e, c, t, 0, 0.0, None, torch.ones(n))
+    p_t = torch.exp(c.double()[t, torch.arange(n)] - lse64)
+    assert p_t.min() > 0.998 and p_t.max() < 0.9995
+    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c, t, 0, CFG, with_de=True)
+    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, torch.ones(n), t, c, 0, CFG,
+                               torch.float32)
+    row_err = (de.double() - de64).norm(dim=1) / de64.norm(dim=1)
+    assert row_err.max() < 2e-2, row_err

@@ -217,9 +217,9 @@ def _softcapped_reference(e, c, t, start, softcap, bias, scale):
     return torch.logsumexp(z.detach(), 1), e64.grad
 
 
-@pytest.mark.parametrize("dtype,slack,cap", [(torch.float32, None, None), (torch.float32, 0.0, None),
-                                             (torch.float32, 0.0, 1.5), (torch.bfloat16, None, None),
-                                             (torch.bfloat16, 0.0, 1.5), (torch.float16, None, None)])
+@pytest.mark.parametrize("dtype,slack,cap", [
+    (torch.float32, None, None), (torch.float32, 0.0, None), (torch.float32, 0.0, 1.5),
+    (torch.bfloat16, None, None), (torch.bfloat16, 0.0, 1.5), (torch.float16, None, None)])
 @pytest.mark.parametrize("softcap,with_bias", [(0.0, False), (6.0, True)])
 def test_forward_makes_de_with_online_rescaling(dtype, slack, cap, softcap, with_bias,
                                                  monkeypatch):
@@ -445,7 +445,7 @@ def test_a_repaired_row_does_not_count_the_targets_rounding_twice(monkeypatch):
     is dropped there. The logits are laid out exactly: e is the identity, c the logits."""
     monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
     monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: 8.0)
-    n = d = 16
+    n = 16  # = D
     v, chunk = 150, CFG.gemm_fw_chunk_v
     g = torch.Generator().manual_seed(12)
     z = torch.rand(n, v, generator=g) * 0.2 - 0.1

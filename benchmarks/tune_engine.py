@@ -1,10 +1,12 @@
 """Launch settings of the gemm engine's chunk pass (statistics, and p when the forward makes dE).
 
 ``python benchmarks/tune_engine.py [--shape 8192x4096x128256] [--regime lm]
-[--settings 32:512:8,64:512:8]``: for each ``stats_n:cols:warps`` (``BlockConfig.gemm_stats_n``,
-``gemm_stats_cols``, ``gemm_stats_warps``), the medians of the forward alone and of the forward
-that makes dE, on one GPU, and the largest difference of their LSE and dE accumulator from the
-first setting's (the settings change how work is split, never the result beyond rounding).
+[--settings 32:512:8,64:512:8:128]``: for each ``stats_n:cols:warps[:fw_mb]``
+(``BlockConfig.gemm_stats_n``, ``gemm_stats_cols``, ``gemm_stats_warps``, ``gemm_fw_bytes`` in
+MB), the medians of the forward alone and of the forward that makes dE, on one GPU, and the
+largest difference of their LSE and dE accumulator from the first setting's (the settings change
+how work is split, never the result beyond rounding); then torch.compile's forward (bf16 logits,
+``F.cross_entropy``) on the same inputs, without autograd, for scale.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 import triton.testing
 
 from cce_dist.kernels import gemm_engine, tiles
@@ -30,9 +33,11 @@ def main() -> None:
     bench = (lambda f: triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median"))
     first = None
     for setting in args.settings.split(","):
-        stats_n, cols, warps = map(int, setting.split(":"))
+        stats_n, cols, warps, *fw_mb = map(int, setting.split(":"))
         cfg = replace(tiles.GPU_CONFIG, gemm_stats_n=stats_n, gemm_stats_cols=cols,
                       gemm_stats_warps=warps)
+        if fw_mb:
+            cfg = replace(cfg, gemm_fw_bytes=fw_mb[0] << 20)
         fw = bench(lambda: gemm_engine.forward(e, c, t, 0, cfg))
         fw_de = bench(lambda: gemm_engine.forward(e, c, t, 0, cfg, with_de=True))
         out = gemm_engine.forward(e, c, t, 0, cfg, with_de=True)
@@ -40,9 +45,12 @@ def main() -> None:
         first = first or (lse, acc)
         diff = max((lse - first[0]).abs().max().item(),
                    ((acc - first[1]).norm() / first[1].norm()).item())
-        print(f"{args.shape} {args.regime} stats_n {stats_n:3d} cols {cols:5d} warps {warps:2d}"
-              f"  forward {fw:7.2f} ms  forward with dE {fw_de:7.2f} ms  diff {diff:.1e}",
-              flush=True)
+        print(f"{args.shape} {args.regime} {setting:14s} forward {fw:7.2f} ms  forward with dE"
+              f" {fw_de:7.2f} ms  diff {diff:.1e}", flush=True)
+    compiled = torch.compile(lambda e, c, t: F.cross_entropy((e @ c.T).float(), t))
+    with torch.no_grad():
+        print(f"{args.shape} {args.regime} torch.compile forward "
+              f"{bench(lambda: compiled(e, c, t)):7.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

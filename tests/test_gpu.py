@@ -96,6 +96,49 @@ def test_torch_compile_matches_eager(de_in_forward):
     assert rel_err(got[1], want[1]) < 1e-4 and rel_err(got[2], want[2]) < 1e-4
 
 
+@pytest.mark.parametrize("far", [0.0, 80.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_de_across_many_chunks(dtype, far):
+    """The forward that makes dE, compiled, over 12 chunks of 512 rows: its reference lags one
+    chunk, is raised as the LSE grows (rows of c in increasing norm), and, with ``far``, one
+    chunk's logits sit about 100 above every earlier chunk's, so its p is clamped and its rows
+    recomputed in fp32 (the repair's fp32 dot). Loss and dE against float64; dC too."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from cce_dist.kernels import tiles
+
+    n, d, v = 1024, 256, 6000
+    g = torch.Generator(device="cuda").manual_seed(4)
+    e = torch.randn(n, d, device="cuda", generator=g) / d ** 0.5
+    c = torch.randn(v, d, device="cuda", generator=g) * torch.linspace(
+        0.5, 4.0, v, device="cuda")[:, None]
+    if far:
+        c[2048:2560] *= far / 4.0
+    e, c = e.to(dtype), c.to(dtype)
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    t[: n // 4] = torch.randint(2048, 2560, (n // 4,), device="cuda", generator=g)
+    t[::9] = -100
+    e.requires_grad_(), c.requires_grad_()
+    config = replace(tiles.GPU_CONFIG, gemm_de_in_forward="always", gemm_fw_chunk_v=512)
+    with mock.patch.object(tiles, "GPU_CONFIG", config), \
+            mock.patch.object(tiles, "GPU_FP32_CONFIG", replace(
+                tiles.GPU_FP32_CONFIG, gemm_de_in_forward="always", gemm_fw_chunk_v=512)):
+        loss = linear_cross_entropy(e, c, t)
+        de, dc = torch.autograd.grad(loss, (e, c))
+    e64, c64 = e.detach().double().requires_grad_(), c.detach().double().requires_grad_()
+    z = e64 @ c64.T
+    if far:
+        early = torch.logsumexp(z[:, :2048], 1)
+        assert (z[:, 2048:2560].max(1).values - early).median() > 64  # most rows repaired
+    want = F.cross_entropy(z, t)
+    want_de, want_dc = torch.autograd.grad(want, (e64, c64))
+    assert abs(loss.double() - want) < 1e-5 * want.abs()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(de, want_de) < tol and rel_err(dc, want_dc) < tol
+    assert torch.isfinite(de).all()
+
+
 def _leaves(e, c):
     return e.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
 

@@ -23,6 +23,7 @@ filter, whose point is to skip tiles, runs on the fused tile kernels of ``triton
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -51,12 +52,12 @@ def probs_slack(dtype: torch.dtype) -> float:
     return 8.0 if dtype == torch.float16 else 16.0
 
 
-def probs_cap(dtype: torch.dtype) -> float:
-    """p is written as ``exp(min(z - ref, cap))``, ``ref`` set by the chunks before: far from
-    overflow (e^64 against fp32's and bf16's e^88; e^10 against fp16's e^11), and the rows where
-    the cap bit are recomputed (``_advance_reference_kernel``). Above the slack, so that a
-    repaired row is also a rescaled one."""
-    return 10.0 if dtype == torch.float16 else 64.0
+def probs_cap(dtype: torch.dtype, logit_scale: float = 1.0) -> float:
+    """p is written as ``exp(min(z - ref, cap)) * logit_scale`` (times the softcap's derivative,
+    at most 1), ``ref`` set by the chunks before: far from overflow (e^64 against fp32's and
+    bf16's e^88; e^10 against fp16's e^11), and the rows where the cap bit are recomputed
+    (``_advance_reference_kernel``). A scale above 1 lowers the cap by its log."""
+    return (10.0 if dtype == torch.float16 else 64.0) - math.log(max(1.0, logit_scale))
 
 @triton.jit
 def _chunk_dlogits_kernel(
@@ -238,14 +239,14 @@ def _advance_reference_kernel(
     for s in range(0, splits):
         bound = tl.maximum(bound, tl.load(lse_ptr + s * N + offs_n, mask=mask_n,
                                           other=float("-inf")))
-    if FIRST:
-        tl.store(ref_ptr + offs_n, bound, mask=mask_n)
+    if FIRST:  # finite even where every logit so far is -inf (a bias masking the rows)
+        tl.store(ref_ptr + offs_n, tl.where(bound > float("-inf"), bound, 0.0), mask=mask_n)
     else:
         old = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
-        raised = mask_n & (bound > old + slack)
         # Clamped p needs z - old > cap, and z <= bound: the rows to repair, and a margin for
-        # rounding (a row repaired needlessly only costs time).
+        # rounding (a row repaired needlessly only costs time). A repaired row is a raised one.
         repair = mask_n & (bound > old + (cap - 1.0))
+        raised = mask_n & ((bound > old + slack) | repair)
         ref = tl.where(raised, bound, old)
         if tl.max(raised.to(tl.int32), axis=0) > 0:
             tl.store(ref_ptr + offs_n, ref, mask=raised)
@@ -439,7 +440,7 @@ def forward(
             logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
             tile_max, logits if p is None else p, tile_max if ref is None else ref,
             resid if with_de else tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1],
-            int(v0 == 0), float(softcap), float(logit_scale), probs_cap(e.dtype),
+            int(v0 == 0), float(softcap), float(logit_scale), probs_cap(e.dtype, logit_scale),
             BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None,
             HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
             STATS=stats_on, PROBS=p is not None, ROUNDED=e.dtype != torch.float32,
@@ -450,7 +451,8 @@ def forward(
         _advance_reference_kernel[(triton.cdiv(n, bn),)](
             acc, ref, stats[0], logits, p, c, tile_max if bias is None else bias, targets, resid,
             n, d, v, vc, v0, vocab_start, c.stride(0), c.stride(1), splits, float(softcap),
-            float(logit_scale), probs_slack(e.dtype), probs_cap(e.dtype), BLOCK_N=bn,
+            float(logit_scale), probs_slack(e.dtype),
+            probs_cap(e.dtype, logit_scale), BLOCK_N=bn,
             BLOCK_V=min(bv, 32) if e.is_cuda else bv, BLOCK_D=min(cfg.out_block_d, 128),
             FIRST=first, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
             HAS_SCALE=logit_scale != 1.0, num_warps=4,

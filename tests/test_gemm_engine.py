@@ -202,11 +202,12 @@ def test_falls_back_to_the_fused_kernels_where_torch_cannot_run_it(monkeypatch):
         assert rel_err(x, y.double()) < 1e-2
 
 
-def _softcapped_reference(e, c, t, start, softcap, bias, scale):
-    """float64 logits of this shard (products, bias, cap) and d(sum of CE weighted by scale)
-    / dE over the *whole* vocabulary given as (e, c); start: this shard's first row."""
+def _softcapped_reference(e, c, t, start, softcap, bias, scale, logit_scale=1.0):
+    """float64 logits of this shard (products times logit_scale, bias, cap) and d(sum of CE
+    weighted by scale) / dE over the *whole* vocabulary given as (e, c); start: this shard's
+    first row."""
     e64 = e.detach().double().requires_grad_()
-    z = e64 @ c.double().T
+    z = (e64 @ c.double().T) * logit_scale
     if bias is not None:
         z = z + bias.double()
     if softcap:
@@ -229,9 +230,9 @@ def test_forward_makes_de_with_online_rescaling(dtype, slack, cap, softcap, with
     every chunk are clamped and repaired), ignored tokens and targets outside the shard
     included; dE of two shards under the global LSE add up to the whole one."""
     if slack is not None:
-        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: slack)
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype, scale=1.0: slack)
     if cap is not None:
-        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: cap)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: cap)
     n, d, v = 29, 16, 150
     g = torch.Generator().manual_seed(5)
     e = torch.randn(n, d, generator=g)
@@ -386,7 +387,7 @@ def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap, repair, m
     rounding carried must then not count twice."""
     if repair:
         monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
-        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: 1.5)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 1.5)
     n, d, v = 32, 16, 200
     g = torch.Generator().manual_seed(9)
     c = torch.randn(v, d, generator=g)
@@ -444,7 +445,7 @@ def test_a_repaired_row_does_not_count_the_targets_rounding_twice(monkeypatch):
     dE's row, ~1e-3 of p_t, stays within bf16 accuracy of float64 only if the carried rounding
     is dropped there. The logits are laid out exactly: e is the identity, c the logits."""
     monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
-    monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype: 8.0)
+    monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 8.0)
     n = 16  # = D
     v, chunk = 150, CFG.gemm_fw_chunk_v
     g = torch.Generator().manual_seed(12)
@@ -460,3 +461,42 @@ def test_a_repaired_row_does_not_count_the_targets_rounding_twice(monkeypatch):
                                torch.float32)
     row_err = (de.double() - de64).norm(dim=1) / de64.norm(dim=1)
     assert row_err.max() < 2e-2, row_err
+
+
+@pytest.mark.parametrize("dtype,logit_scale,jump", [
+    (torch.float16, 4.0, 8.0), (torch.float16, 40.0, 2.0), (torch.bfloat16, 4.0, 60.0),
+    (torch.float32, 0.5, 60.0), (torch.bfloat16, 1.0, 0.0)])
+@pytest.mark.parametrize("first_masked", [False, True])
+def test_forward_de_with_a_scale_a_masked_first_chunk_and_a_low_cap(dtype, logit_scale, jump,
+                                                                   first_masked, monkeypatch):
+    """dE against float64 where p's bound must hold after the logit scale (fp16 at 1 /
+    temperature 4 and 40: p = e^cap * scale would overflow fp16 if the cap ignored it), with a
+    later chunk far above the first (the repair), a first chunk a bias of -inf masks for every
+    token (no reference yet after it), and a cap patched below the slack (a repaired row must
+    still be rescaled)."""
+    if jump == 0.0:
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 8.0)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 3.0)
+    n, d, v = 20, 16, 160
+    chunk = CFG.gemm_fw_chunk_v
+    g = torch.Generator().manual_seed(13)
+    e = torch.randn(n, d, generator=g)
+    c = torch.randn(v, d, generator=g) * 0.1
+    c[chunk:2 * chunk] *= 1.0 + jump
+    c[2 * chunk:] *= 3.0
+    e, c = e.to(dtype), c.to(dtype)
+    t = torch.randint(chunk, v, (n,), generator=g)
+    t[3] = -100
+    bias = torch.zeros(v, dtype=dtype)
+    if first_masked:
+        bias[:chunk] = float("-inf")
+    scale = torch.rand(n, generator=g) * (t >= 0)
+    lse64, de64 = _softcapped_reference(e, c, t, 0, 0.0, bias, scale, logit_scale)
+    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(
+        e, c, t, 0, CFG, False, 0.0, bias, logit_scale=logit_scale, with_de=True)
+    assert torch.isfinite(acc).all() and torch.isfinite(ref).all()
+    assert rel_err(lse, lse64) < 1e-5
+    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, scale, t, c, 0, CFG, torch.float32,
+                               logit_scale=logit_scale)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert rel_err(de, de64) < tol

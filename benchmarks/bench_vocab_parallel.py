@@ -1,4 +1,5 @@
-"""Vocabulary-parallel loss: cce-dist against Megatron-Core's vocab_parallel_cross_entropy.
+"""Vocabulary-parallel loss: cce-dist against Megatron-Core's vocab_parallel_cross_entropy and
+DeepSpeed's fused loss.
 
 Launch one process per GPU: ``torchrun --nproc_per_node=TP benchmarks/bench_vocab_parallel.py``.
 Every rank holds all N tokens and V/TP rows of C (the even split of ``cce_dist.vocab_range``).
@@ -7,7 +8,9 @@ output layer does), calls ``megatron.core.tensor_parallel.vocab_parallel_cross_e
 upcasts them to fp32) and all-reduces dE (what its ColumnParallelLinear backward does). At
 TP=1 cce-dist runs its single-device path (``group=None``). Variants of ours: without the
 overlap of the dE reduction, and with dC's rows lent to the backward's workspace whatever their
-share. Timing uses a fixed number of iterations on every rank
+share. With DeepSpeed >= 0.19.8 installed, also its ``vocab_parallel_linear_cross_entropy``
+(chunked cuBLAS products) and ours under the same signature (``cce-dist drop-in``). Timing uses
+a fixed number of iterations on every rank
 (so the collectives stay matched), CUDA events, the median of ``--iters``; peak memory is rank
 0's largest extra allocation during fw+bw.
 """
@@ -26,7 +29,6 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from cce_dist import linear_cross_entropy, vocab_range
 from cce_dist.kernels import tiles
@@ -135,10 +137,28 @@ def main() -> None:
     except ImportError as err:
         if rank == 0:
             print(f"# megatron-core not available: {err}")
+    shard = {}  # this rank's [lo, hi) of the current shape, for the drop-in signatures
+    try:  # DeepSpeed >= 0.19.8's fused loss (chunked cuBLAS), and ours under its signature
+        from deepspeed.sequence.linear_cross_entropy import (
+            vocab_parallel_linear_cross_entropy as deepspeed_loss,
+        )
+
+        from cce_dist.deepspeed import vocab_parallel_linear_cross_entropy as dropin
+
+        def signature(fn):
+            return lambda e, c, t: fn(e, c, t, tp_group=ours, vocab_start_index=shard["lo"],
+                                      vocab_end_index=shard["hi"])
+
+        methods["cce-dist drop-in"] = (signature(dropin), None)
+        methods["DeepSpeed fused"] = (signature(deepspeed_loss), None)
+    except ImportError as err:
+        if rank == 0:
+            print(f"# DeepSpeed's fused loss not available: {err}")
     rows = []
     for shape in args.shapes.split(","):
         n, d, v = map(int, shape.split("x"))
         lo, hi = vocab_range(v, rank, world)
+        shard.update(lo=lo, hi=hi)
         for regime in args.regimes.split(","):
             e, c_full, t = make_inputs(regime, n, d, v, device="cuda", seed=0)
             if args.shard_times and world == 1:

@@ -8,6 +8,12 @@
 #             tp=1 also the kernels' time on each of 4 shards)
 #   megatron  Megatron GPT step (TP 2, 4), native loss vs CCEGPTModel
 #   deepspeed DeepSpeed step, original head vs CCE head
+#   twogpu    what two GPUs show that one cannot (each call at most 10 minutes, so two):
+#             `twogpu` = the NCCL tests of the vocabulary-parallel op, Megatron's stack,
+#             main_grad and DeepSpeed (AutoTP included), and the tp=2 loss against Megatron's
+#             CE and DeepSpeed's fused loss; `twogpu2` = logprobs + entropy at tp=2, Megatron's
+#             DDP step at TP=2 with and without main_grad, and the training curve at TP=2 from
+#             initialization (random tokens)
 # Carried wheels (.whl/) go to /tmp/site; logs and JSON to $OUT.
 set -uo pipefail
 . "$(dirname "$0")/device_env.sh"
@@ -61,6 +67,25 @@ for stage in "${@:-tests}"; do
         run timeout 180 torchrun --nproc_per_node=$NGPU $DS --loss $1 --tp $2 2>&1 \
           | grep "summary\|Error\|error" | grep -v -i warn
       done
+      ;;
+    twogpu)
+      run timeout 330 python3 -m pytest -q -m gpu tests/test_vocab_parallel.py \
+        tests/test_megatron_stack.py tests/test_main_grad.py tests/test_deepspeed.py \
+        tests/test_megatron.py -p no:cacheprovider --timeout 240 -rs 2>&1 \
+        | tee "$OUT/nccl_tests.log" | grep -v -i warn | tail -15
+      run timeout 230 torchrun --nproc_per_node=2 benchmarks/bench_vocab_parallel.py \
+        --shapes 8192x4096x128256,8192x2304x256000 --regimes lm,dense --warmup 3 --iters 10 \
+        --json "$OUT/vp_tp2.json" 2>&1 | grep -v -i "warn\|evict\|return func"
+      ;;
+    twogpu2)
+      run timeout 150 torchrun --nproc_per_node=2 benchmarks/bench_logprobs.py \
+        --json "$OUT/logprobs_tp2.json" 2>&1 | grep -v -i "warn\|return func"
+      run timeout 200 torchrun --nproc_per_node=2 benchmarks/bench_megatron_step.py --ddp \
+        --dist-opt --hidden 1024 --heads 8 --layers 2 --vocab 128256 --seq 4096 --batch 1 \
+        --micro 4 --json "$OUT/megatron_ddp_tp2.json" 2>&1 | grep "^{\|Error"
+      run timeout 230 torchrun --nproc_per_node=2 benchmarks/bench_trajectory.py --data random \
+        --steps 40 --runs native exact default --json "$OUT/trajectory_tp2.json" \
+        --plot "$OUT/trajectory_tp2.png" 2>&1 | grep -v -i "warn\|deprecat\|full_param" | tail -12
       ;;
   esac
 done

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .combine import softmax_weighted_mean
 from .filtering import GradFilter, keep_tiles
 from .tiles import (
     BlockConfig,
@@ -483,7 +484,7 @@ def forward(
     if sum_logits:
         zsum = stats[2].sum(0)
     elif mean_logit:
-        zsum = (torch.exp(stats[0] - lse) * stats[2]).sum(0)
+        zsum = softmax_weighted_mean(stats[0], stats[2])
     else:
         zsum = stats.new_zeros((0,))
     if with_de:

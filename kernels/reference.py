@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .combine import softmax_weighted_mean
 from .filtering import GradFilter, keep_tiles
 
 DEFAULT_CHUNK = 4096
@@ -74,7 +75,7 @@ def forward(
     if mean_logit and weighted:
         parts = torch.stack([w for w, _ in weighted])
         means = torch.stack([m for _, m in weighted])
-        zsum = (torch.exp(parts - lse) * means).sum(dim=0)
+        zsum = softmax_weighted_mean(parts, means)
     return lse, tgt, torch.cat(maxima, dim=1), zsum
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .combine import softmax_weighted_mean
 from .tiles import BlockConfig, dot_precision, finish_logits, local_targets, logits_tile
 
 
@@ -152,5 +153,5 @@ def forward(
     if sum_logits:
         zeros = zsum_part.sum(dim=0)
     elif mean_logit:
-        zeros = (torch.exp(lse_part - lse) * zsum_part).sum(dim=0)
+        zeros = softmax_weighted_mean(lse_part, zsum_part)
     return lse, tgt_part.sum(dim=0), tile_max, zeros

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from cce_dist.kernels import cce_backward, cce_forward
+from cce_dist.kernels.combine import softmax_weighted_mean
 
 from .collectives import all_gather_dim0, all_reduce_, gather_stats, reduce_scatter_dim0
 from .function import _first_order_only
@@ -54,7 +55,7 @@ class LogprobsEntropyFunction(torch.autograd.Function):
             stats, agree = gather_stats([lse, target_logit, mean], targets, group)
             lse = torch.logsumexp(stats[:, 0], dim=0)
             target_logit = stats[:, 1].sum(dim=0)
-            mean = (torch.exp(stats[:, 0] - lse) * stats[:, 2]).sum(dim=0)
+            mean = softmax_weighted_mean(stats[:, 0], stats[:, 2])
         valid = targets != ignore_index
         in_range = (targets >= 0) & (targets < vocab_size)
         bad = valid & ~in_range

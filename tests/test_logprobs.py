@@ -70,6 +70,37 @@ def test_match_float64(backend, temperature, filter_eps, grads, engine, monkeypa
         assert rel_err(de, want_de) < tol and rel_err(dc, want_dc) < tol, (dtype, grads)
 
 
+def _peaked(n, d, v, seed):
+    """fp32, logits up to ~150 at temperature 0.7, each token's target its largest logit: an
+    entropy of ~1e-1 nats left after cancelling logits of ~100."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(n, d, generator=g)
+    c = torch.randn(v, d, generator=g) * 20 / d ** 0.5
+    return e, c, (e @ c.T).argmax(1)
+
+
+@pytest.mark.parametrize("engine", ["gemm", "fused"])
+def test_entropy_of_a_peaked_softmax_at_large_logits(backend, engine, monkeypatch):
+    """The parts' (column groups', chunks') mean logits are combined under weights normalized by
+    their own sum: weights exp(lse_s - LSE) carry the fp32 rounding of an LSE of ~100 (7.6e-6)
+    into the mean, 4e-4 nats of entropy and 1e-3 of the gradients here."""
+    if engine == "fused":
+        if backend != "triton":
+            pytest.skip("the engines are the Triton backend's")
+        from cce_dist.kernels import tiles
+
+        monkeypatch.setattr(tiles, "INTERPRETER_CONFIG",
+                            replace(tiles.INTERPRETER_CONFIG, gemm=False))
+    e, c, t = _peaked(64, 32, 400, seed=1)
+    e.requires_grad_(), c.requires_grad_()
+    lp, ent = linear_logprobs_entropy(e, c, t, temperature=0.7, filter_eps=None,
+                                      backend=backend)
+    want_lp, want_ent, want_de, want_dc = oracle(e, c, t, 0.7, b=torch.ones(t.shape))
+    assert (ent.double() - want_ent).abs().max() < 6e-5
+    de, dc = torch.autograd.grad(ent.sum(), (e, c))
+    assert rel_err(de, want_de) < 2e-4 and rel_err(dc, want_dc) < 2e-4
+
+
 def test_exact_in_float64():
     e, c, t = _inputs(12, 8, 30, torch.float64, seed=2)
     e.requires_grad_(), c.requires_grad_()
@@ -110,6 +141,12 @@ def _vp_worker(rank, world, sizes):
             ((lp * a).sum() + (ent * b).sum()).backward()
             assert rel_err(e.grad, want_de.view(s, 3, 16)[rows]) < 1e-5, what
             assert rel_err(c.grad, want_dc[rows_of]) < 1e-5, what
+    # A peaked softmax at large logits: the ranks' mean logits combined without the rounding
+    # of a global LSE of ~100 (see test_entropy_of_a_peaked_softmax_at_large_logits).
+    e_full, c_full, t = _peaked(12, 16, v, seed=6)
+    _, ent = linear_logprobs_entropy(e_full, c_full[rows_of], t, group=group, temperature=0.7,
+                                     backend="reference")
+    assert (ent.double() - oracle(e_full, c_full, t, 0.7)[1]).abs().max() < 6e-5, rank
     # Ranks that disagree on the temperature all raise before any collective of the function.
     e, c, t = _inputs(6, 16, v, torch.float32, seed=5)
     with pytest.raises(ValueError, match="temperature"):

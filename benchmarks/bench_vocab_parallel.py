@@ -1,5 +1,4 @@
-"""Vocabulary-parallel loss: cce-dist against Megatron-Core's vocab_parallel_cross_entropy and
-DeepSpeed's fused loss.
+"""Vocabulary-parallel loss: cce-dist against Megatron's CE and DeepSpeed's fused loss.
 
 Launch one process per GPU: ``torchrun --nproc_per_node=TP benchmarks/bench_vocab_parallel.py``.
 Every rank holds all N tokens and V/TP rows of C (the even split of ``cce_dist.vocab_range``).

@@ -9,7 +9,7 @@ from cce_dist.kernels import BACKENDS, resolve_backend
 from cce_dist.parallel import LinearCrossEntropyFunction, shard_layout
 from cce_dist.parallel.consistency import report_local_error
 
-from .validation import check_inputs, check_target_range
+from .validation import check_inputs, check_options, check_target_range
 
 
 def _world_size(group, sequence_parallel: bool) -> int:
@@ -143,17 +143,8 @@ def linear_cross_entropy(
             e, c, targets, reduction, filter_eps, backend, BACKENDS,
             gathered_rows=world if sequence_parallel else 1,
         )
-        for name, value, upper in (("label_smoothing", label_smoothing, 1.0),
-                                   ("z_loss", z_loss, float("inf"))):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0.0 <= value < upper
-            ):
-                raise ValueError(f"{name} must be a float in [0, {upper}), got {value!r}")
-        if softcap is not None and (
-            isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-            or not 0.0 < softcap < float("inf")
-        ):
-            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+        check_options(reduction, filter_eps, backend, BACKENDS, ignore_index, label_smoothing,
+                      z_loss, softcap)
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
                 got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -205,6 +196,9 @@ class LinearCrossEntropy(nn.Module):
         softcap: float | None = None,
     ) -> None:
         super().__init__()
+        # Bad options fail here, not at the first call.
+        check_options(reduction, filter_eps, backend, BACKENDS, ignore_index, label_smoothing,
+                      z_loss, softcap)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional, Union
 
@@ -81,6 +82,47 @@ def check_inputs(
     ):
         raise ValueError(f"filter_eps must be 'auto', None or a float in [0, 1), got {filter_eps!r}")
     return float(filter_eps) if filter_eps > 0 else None
+
+
+def check_ignore_index(ignore_index) -> None:
+    """``ignore_index`` must be an integer (a float such as 1.5 would silently ignore nothing)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_options(
+    reduction: str,
+    filter_eps: Union[str, float, None],
+    backend: str,
+    backends: tuple[str, ...],
+    ignore_index: int,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> None:
+    """The options that do not depend on the tensors; raise ``TypeError`` / ``ValueError``
+    naming the bad one (what :func:`check_inputs` and the module's constructor share)."""
+    check_ignore_index(ignore_index)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
+    if not (filter_eps is None or (isinstance(filter_eps, str) and filter_eps == "auto") or (
+        not isinstance(filter_eps, bool) and isinstance(filter_eps, (int, float))
+        and 0.0 <= filter_eps < 1.0
+    )):
+        raise ValueError(f"filter_eps must be 'auto', None or a float in [0, 1), got {filter_eps!r}")
+    for name, value, upper in (("label_smoothing", label_smoothing, 1.0),
+                               ("z_loss", z_loss, float("inf"))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0.0 <= value < upper
+        ):
+            raise ValueError(f"{name} must be a float in [0, {upper}), got {value!r}")
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+        or not 0.0 < softcap < float("inf")
+    ):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
 
 
 def check_target_range(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:

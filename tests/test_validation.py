@@ -52,11 +52,36 @@ def test_bad_tensors(good, no_kernels, mutate, exc, word):
         ({"filter_eps": 2.0}, ValueError, "filter_eps"),
         ({"backend": "cuda"}, ValueError, "backend"),
         ({"vocab_start": 3}, ValueError, "vocab_start"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int"),
+        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
     ],
 )
 def test_bad_options(good, no_kernels, kwargs, exc, word):
     with pytest.raises(exc, match=word):
         linear_cross_entropy(*good, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"filter_eps": 2.0}, ValueError, "filter_eps"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"softcap": float("inf")}, ValueError, "softcap"),
+    ],
+)
+def test_the_module_checks_its_options_when_built(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        cce_dist.LinearCrossEntropy(**kwargs)
+
+
+def test_logprobs_check_ignore_index(good, no_kernels):
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        cce_dist.linear_logprobs_entropy(*good, ignore_index=-100.0)
 
 
 @pytest.mark.parametrize("bad", [10, -1, 1000])

@@ -29,7 +29,9 @@ import time
 
 import torch
 import torch.distributed as dist
+import triton.testing
 
+from bench_memory import peak_extra_mb  # beside this script
 from cce_dist import linear_logprobs_entropy, vocab_range
 from cce_dist.testing import make_inputs
 
@@ -163,16 +165,12 @@ def main() -> None:
              "dc_err": rel(dc, ref_dc)}
         del lp, ent, de, dc
         if world == 1 and device == "cuda":
-            import triton.testing
-
             bench = (lambda f: triton.testing.do_bench(f, warmup=100, rep=500,
                                                        return_mode="median"))
         else:
             bench = (lambda f: time_fixed(f, device))
         r["fw_ms"], r["fwbw_ms"] = bench(fw), bench(fw_bw)
         if device == "cuda":
-            from bench_memory import peak_extra_mb  # beside this script
-
             r["peak_mb"] = peak_extra_mb(fw_bw)
         r.update(shape=args.shape, regime=args.regime)
         rows.append(r)

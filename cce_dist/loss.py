@@ -141,10 +141,9 @@ def linear_cross_entropy(
     try:
         eps = check_inputs(
             e, c, targets, reduction, filter_eps, backend, BACKENDS,
-            gathered_rows=world if sequence_parallel else 1,
+            gathered_rows=world if sequence_parallel else 1, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
         )
-        check_options(reduction, filter_eps, backend, BACKENDS, ignore_index, label_smoothing,
-                      z_loss, softcap)
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
                 got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__

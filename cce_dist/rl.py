@@ -12,7 +12,7 @@ from cce_dist.parallel.consistency import report_local_error
 from cce_dist.parallel.logprobs import LogprobsEntropyFunction
 
 from .loss import _world_size, check_vocab_start, flat_inputs
-from .validation import check_ignore_index, check_inputs
+from .validation import check_inputs
 
 
 def linear_logprobs_entropy(
@@ -59,8 +59,8 @@ def linear_logprobs_entropy(
     world = _world_size(group, sequence_parallel)
     try:
         eps = check_inputs(e, c, targets, "none", filter_eps, backend, BACKENDS,
-                           gathered_rows=world if sequence_parallel else 1)
-        check_ignore_index(ignore_index)
+                           gathered_rows=world if sequence_parallel else 1,
+                           ignore_index=ignore_index)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             0.0 < temperature and math.isfinite(temperature)
         ):

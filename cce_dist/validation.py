@@ -30,10 +30,13 @@ def check_inputs(
     backend: str,
     backends: tuple[str, ...],
     gathered_rows: int = 1,
+    ignore_index: int = -100,
+    **options,
 ) -> Optional[float]:
     """Raise ``TypeError`` / ``ValueError`` naming the bad argument; return the resolved filter
     as one float (``GradFilter.encode``: minus the budget for 'auto', the per-entry threshold for
-    a float) or None for exact.
+    a float) or None for exact. The scalar options (``options``: label_smoothing, z_loss,
+    softcap) are :func:`check_options`'.
 
     ``gathered_rows``: with sequence parallelism over w ranks, targets cover w times e's rows.
     """
@@ -69,18 +72,11 @@ def check_inputs(
             f" with dim 0 gathered over {gathered_rows} ranks" if gathered_rows > 1 else ""
         )
         raise ValueError(f"targets' shape {tuple(targets.shape)} must equal {what} {lead}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in backends:
-        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
-    if isinstance(filter_eps, str) and filter_eps == "auto":
+    check_options(reduction, filter_eps, backend, backends, ignore_index, **options)
+    if isinstance(filter_eps, str):  # "auto"
         return GradFilter("budget", default_budget(e.dtype)).encode()
     if filter_eps is None:
         return None
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not (
-        0.0 <= filter_eps < 1.0
-    ):
-        raise ValueError(f"filter_eps must be 'auto', None or a float in [0, 1), got {filter_eps!r}")
     return float(filter_eps) if filter_eps > 0 else None
 
 
@@ -101,7 +97,7 @@ def check_options(
     softcap: Optional[float] = None,
 ) -> None:
     """The options that do not depend on the tensors; raise ``TypeError`` / ``ValueError``
-    naming the bad one (what :func:`check_inputs` and the module's constructor share)."""
+    naming the bad one (:func:`check_inputs` runs them; the module's constructor too)."""
     check_ignore_index(ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -436,10 +436,11 @@ def forward(
     else:
         acc = ref = resid = p_buf = None
 
-    def chunk_pass(logits, vc, v0, stats_on, p=None, ref=None):
+    def chunk_pass(logits, vc, v0, stats_on, p=None):
+        """The statistics (``stats_on``) and/or p (given ``p``) of one chunk, under ``ref``."""
         _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
             logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
-            tile_max, logits if p is None else p, tile_max if ref is None else ref,
+            tile_max, logits if p is None else p, tile_max if p is None else ref,
             resid if with_de else tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1],
             int(v0 == 0), float(softcap), float(logit_scale), probs_cap(e.dtype, logit_scale),
             BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None,
@@ -474,10 +475,10 @@ def forward(
         if v0 == 0:
             chunk_pass(logits, vc, v0, True)
             advance(logits, p, vc, v0, True)
-            chunk_pass(logits, vc, v0, False, p, ref)
+            chunk_pass(logits, vc, v0, False, p)
             _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=False)
         else:
-            chunk_pass(logits, vc, v0, True, p, ref)
+            chunk_pass(logits, vc, v0, True, p)
             _mm_fp32(p, c[v0:v0 + vc], acc, accumulate=True)
             advance(logits, p, vc, v0, False)
     lse = stats[0, 0].clone() if splits == 1 else torch.logsumexp(stats[0], dim=0)

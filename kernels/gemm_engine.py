@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .combine import softmax_weighted_mean
-from .filtering import GradFilter, keep_tiles
+from .filtering import GradFilter, keep_target_tiles, keep_tiles
 from .tiles import (
     BlockConfig,
     cast_out,
@@ -40,8 +40,14 @@ from .tiles import (
     finish_target_logits,
     local_targets,
     logits_grad,
+    mma,
 )
 from .triton_backward import workspace_split, zero_gradients
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the two-launch path
+    TensorDescriptor = None
 
 
 
@@ -61,6 +67,43 @@ def probs_cap(dtype: torch.dtype, logit_scale: float = 1.0) -> float:
     return (10.0 if dtype == torch.float16 else 64.0) - math.log(max(1.0, logit_scale))
 
 @triton.jit
+def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, scale_ptr,
+             keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start, num_v_tiles, target_weight,
+             uniform_weight, softcap, logit_scale,
+             KEEP_N: tl.constexpr, KEEP_V: tl.constexpr, FILTER: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+             HAS_SCALE: tl.constexpr):
+    """dl (fp32) of one tile of a chunk from its fp32 products ``raw`` (tokens ``offs_n`` x the
+    chunk's columns ``offs_c``, rows ``v0 + offs_c`` of this shard):
+    ``(softmax - target_weight * onehot - uniform_weight) * scale`` (plus the entropy's term),
+    zero in the ``KEEP_N`` x ``KEEP_V`` tiles the budget filter skips (``keep``, whose targets'
+    tiles are already set: :func:`filtering.keep_target_tiles`), through the softcap and the
+    logit scale; zero outside the masks."""
+    mask = mask_n[:, None] & mask_v[None, :]
+    cols = v0 + offs_c
+    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    logits = finish_logits(raw, bias_ptr, cols, mask_v, softcap, logit_scale,
+                           HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+    hit = (cols[None, :] == local_t[:, None]) & mask
+    # uniform_weight: label smoothing's -eps / V on every logit, here only under a softcap
+    # (otherwise it is rank one and added outside the kernels).
+    p = tl.exp(logits - lse[:, None])
+    g = (p - target_weight * hit.to(tl.float32) - uniform_weight) * scale[:, None]
+    if ENTROPY:  # d(entropy)/dz_j = -p_j (z_j - sum_k p_k z_k), weighed per token
+        ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+        g += ent[:, None] * p * (logits - mean[:, None])
+    if FILTER:  # a tile the budget filter skips contributes nothing
+        at = (offs_n // KEEP_N)[:, None] * num_v_tiles + (cols // KEEP_V)[None, :]
+        keep = tl.load(keep_ptr + at, mask=mask, other=0)
+        g = tl.where(keep != 0, g, 0.0)
+    g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
+    return tl.where(mask, g, 0.0)
+
+
+@triton.jit
 def _chunk_dlogits_kernel(
     logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
     mean_ptr, N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
@@ -77,32 +120,53 @@ def _chunk_dlogits_kernel(
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_c < vc
-    mask = mask_n[:, None] & mask_v[None, :]
-    local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     at = offs_n.to(tl.int64)[:, None] * vc + offs_c[None, :]
-    logits = tl.load(logits_ptr + at, mask=mask, other=0.0)
-    logits = finish_logits(logits, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
-                           HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
-    hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
-    # uniform_weight: label smoothing's -eps / V on every logit, here only under a softcap
-    # (otherwise it is rank one and added outside the kernels).
-    p = tl.exp(logits - lse[:, None])
-    g = (p - target_weight * hit.to(tl.float32) - uniform_weight) * scale[:, None]
-    if ENTROPY:  # d(entropy)/dz_j = -p_j (z_j - sum_k p_k z_k), weighed per token
-        ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
-        g += ent[:, None] * p * (logits - mean[:, None])
-    if FILTER:  # a tile the budget filter skips contributes nothing, unless it holds a target
-        keep = tl.load(keep_ptr + pid_n * num_v_tiles + v0 // BLOCK_V + pid_v) != 0
-        first_col = v0 + pid_v * BLOCK_V
-        inside = (local_t >= first_col) & (local_t < first_col + BLOCK_V)
-        keep = keep | (tl.max(inside.to(tl.int32), axis=0) > 0)
-        g = tl.where(keep, g, 0.0)
-    g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
-    g = tl.where(mask, g, 0.0)
-    tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION), mask=mask)
+    raw = tl.load(logits_ptr + at, mask=mask_n[:, None] & mask_v[None, :], other=0.0)
+    g = _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, scale_ptr,
+                 keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start, num_v_tiles, target_weight,
+                 uniform_weight, softcap, logit_scale, BLOCK_N, BLOCK_V, FILTER, HAS_BIAS,
+                 HAS_SOFTCAP, ENTROPY, HAS_SCALE)
+    tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION),
+             mask=mask_n[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _chunk_dlogits_gemm_kernel(
+    e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
+    mean_ptr, N, V, D, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
+    logit_scale,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, KEEP_N: tl.constexpr,
+    KEEP_V: tl.constexpr, FILTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid: (NUM_PROGRAMS,), persistent. Each program walks tiles of ``BLOCK_M`` tokens x
+    ``BLOCK_C`` rows of the chunk ``[v0, v0 + vc)`` (grouped by ``GROUP`` token tiles, so
+    that c's rows are reused from L2), multiplies ``e @ c.T`` from TMA loads into fp32, and
+    stores that tile of dl (:func:`_dlogits`) through ``dl_desc`` ((N, vc), dl's dtype): the
+    chunk's fp32 logits never reach memory. Loads past e's or c's rows are zeros, and stores
+    past dl's shape are dropped."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_c = tl.cdiv(vc, BLOCK_C)
+    per_group = GROUP * num_c
+    for tile in tl.range(tl.program_id(0), num_m * num_c, NUM_PROGRAMS, flatten=True):
+        first_m = (tile // per_group) * GROUP
+        rows = tl.minimum(num_m - first_m, GROUP)
+        pid_m = first_m + (tile % per_group) % rows
+        pid_c = (tile % per_group) // rows
+        om = pid_m * BLOCK_M
+        oc = pid_c * BLOCK_C
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for k in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+            acc = mma(e_desc.load([om, k]), c_desc.load([v0 + oc, k]).T, acc, PRECISION)
+        offs_n = om + tl.arange(0, BLOCK_M)
+        offs_c = oc + tl.arange(0, BLOCK_C)
+        g = _dlogits(acc, offs_n, offs_c, offs_n < N, offs_c < vc, v0, t_ptr, bias_ptr,
+                     lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start,
+                     num_v_tiles, target_weight, uniform_weight, softcap, logit_scale, KEEP_N,
+                     KEEP_V, FILTER, HAS_BIAS, HAS_SOFTCAP, ENTROPY, HAS_SCALE)
+        dl_desc.store([om, oc], cast_out(g, dl_desc.dtype, PRECISION))
 
 
 @triton.jit
@@ -330,6 +394,33 @@ def supported(e: torch.Tensor) -> bool:
     return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig) -> bool:
+    """Whether the backward computes each chunk's logits and dl in one kernel
+    (``_chunk_dlogits_gemm_kernel``): 16-bit inputs whose rows TMA can load (16-byte aligned
+    starts and strides), on a GPU with TMA (Hopper or newer) or the interpreter."""
+    if not cfg.gemm_fused_dl or TensorDescriptor is None or e.dtype not in (
+            torch.bfloat16, torch.float16) or c.dtype != e.dtype:
+        return False
+    if e.is_cuda and torch.cuda.get_device_capability(e.device)[0] < 9:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and (t.stride(0) * t.element_size()) % 16 == 0 for t in (e, c))
+
+
+def _dl_entry_bytes(fused: bool, itemsize: int) -> int:
+    """Bytes per (token, row) of a backward chunk's buffers: dl, plus the fp32 logits unless
+    the chunk's kernel is fused."""
+    return itemsize if fused else 4 + itemsize
+
+
+def _num_programs(device: torch.device) -> int:
+    """Persistent programs: one per multiprocessor (2 under the interpreter, so that programs
+    walk several tiles)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """``out (fp32) = a @ b`` (``+= a @ b`` with ``accumulate``): products in the inputs' dtype,
     fp32 accumulation and result, one cuBLAS call."""
@@ -361,17 +452,19 @@ def _chunk_rows(n: int, limit_bytes: int, chunk: int, block_v: int, v: int,
     return max(block_v, min(rows, triton.cdiv(v, block_v) * block_v) // block_v * block_v)
 
 
-def _lent_split(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig) -> int:
+def _lent_split(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig, fused: bool) -> int:
     """The backward's first row of dC lent to its workspace when it computes dE (v: none)."""
     chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, cfg.block_v, v)
     return workspace_split(n, d, v, chunk, cfg.block_v, itemsize, cfg.max_lent_fraction,
-                           chunk_itemsize=4 + itemsize)
+                           chunk_itemsize=_dl_entry_bytes(fused, itemsize))
 
 
-def backward_lends_rows(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig) -> bool:
+def backward_lends_rows(n: int, d: int, v: int, itemsize: int, cfg: BlockConfig,
+                        fused: bool) -> bool:
     """Whether a backward that computes dE would lend rows of dC to its workspace (and compute
-    their logits twice): where making dE in the forward pays (``gemm_de_in_forward="lent"``)."""
-    return 0 < n and _lent_split(n, d, v, itemsize, cfg) < v
+    their logits twice): where making dE in the forward pays (``gemm_de_in_forward="lent"``).
+    ``fused``: whether its chunks run :func:`fused_dlogits` (no fp32 logits in the workspace)."""
+    return 0 < n and _lent_split(n, d, v, itemsize, cfg, fused) < v
 
 
 def forward(
@@ -538,6 +631,50 @@ def finish_de(
     return de
 
 
+class ChunkDlogits:
+    """The backward's launcher of one chunk's dl: ``(v0, vc, ld, logits_buf, dl_buf)`` -> dl
+    (N, vc) of rows [v0, v0 + vc), row stride ``ld`` when fused, in ``dl_buf``. Fused: one
+    ``_chunk_dlogits_gemm_kernel``; otherwise cuBLAS writes the fp32 logits into
+    ``logits_buf`` and ``_chunk_dlogits_kernel`` turns them into dl. ``args``: the kernels'
+    tensors after dl (targets, bias, lse, scale, keep, entropy's two), ``scalars`` their floats,
+    ``flags`` their constexprs."""
+
+    def __init__(self, e: torch.Tensor, c: torch.Tensor, fused: bool, vocab_start: int,
+                 cfg: BlockConfig, args: tuple, scalars: tuple, flags: dict) -> None:
+        self.e, self.c, self.fused, self.vocab_start, self.cfg = e, c, fused, vocab_start, cfg
+        self.args, self.scalars, self.flags = args, scalars, flags
+        if fused:
+            self.e_desc = TensorDescriptor.from_tensor(e, [cfg.dl_block_m, cfg.dl_block_k])
+            self.c_desc = TensorDescriptor.from_tensor(c, [cfg.dl_block_c, cfg.dl_block_k])
+            self.programs = _num_programs(e.device)
+
+    def __call__(self, v0: int, vc: int, ld: int, logits_buf: torch.Tensor | None,
+                 dl_buf: torch.Tensor) -> torch.Tensor:
+        e, c, cfg = self.e, self.c, self.cfg
+        (n, d), v = e.shape, c.shape[0]
+        bn, bv = cfg.block_n, cfg.block_v
+        if self.fused:
+            bm, bc = cfg.dl_block_m, cfg.dl_block_c
+            dl = dl_buf[: n * ld].view(n, ld)[:, :vc]
+            programs = min(self.programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc))
+            _chunk_dlogits_gemm_kernel[(programs,)](
+                self.e_desc, self.c_desc, TensorDescriptor(dl, [n, vc], [ld, 1], [bm, bc]),
+                *self.args, n, v, d, vc, v0, self.vocab_start, triton.cdiv(v, bv),
+                *self.scalars, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=cfg.dl_block_k,
+                GROUP=cfg.dl_group, STAGES=cfg.dl_stages, NUM_PROGRAMS=programs, KEEP_N=bn,
+                KEEP_V=bv, **self.flags, num_warps=cfg.dl_warps,
+            )
+            return dl
+        logits = logits_buf[: n * vc].view(n, vc)
+        dl = dl_buf[: n * vc].view(n, vc)
+        _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
+        _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
+            logits, dl, *self.args, n, v, vc, v0, self.vocab_start, triton.cdiv(v, bv),
+            *self.scalars, BLOCK_N=bn, BLOCK_V=bv, **self.flags, num_warps=cfg.gemm_num_warps,
+        )
+        return dl
+
+
 def backward(
     e: torch.Tensor,
     c: torch.Tensor,
@@ -583,27 +720,26 @@ def backward(
           else c.new_empty((0,)))
     keep = lse  # unused by the kernel without a filter
     if grad_filter is not None:
-        keep = keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v, grad_filter)
+        keep = keep_target_tiles(keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v,
+                                            grad_filter), targets, vocab_start, v, bn, bv)
     precision = dot_precision(e.dtype)
     size = dc.element_size()
+    fused = fused_dlogits(e, c, cfg)
+    entry = _dl_entry_bytes(fused, size)
     state = {"de_started": False}
+    chunk_dlogits = ChunkDlogits(
+        e, c, fused, vocab_start, cfg, (
+            targets, lse if bias is None else bias, lse, grad_scale, keep,
+            *(entropy or (lse, lse))),
+        (float(target_weight), float(uniform_weight), float(softcap), float(logit_scale)),
+        dict(FILTER=grad_filter is not None, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+             ENTROPY=entropy is not None, HAS_SCALE=logit_scale != 1.0, PRECISION=precision))
 
     def run_chunks(lo, hi, chunk, logits_buf, dl_buf, de_acc, want_dc, want_de, de_done=None):
         for v0 in range(lo, hi, chunk):
             vc = min(chunk, hi - v0)
-            logits = logits_buf[: n * vc].view(n, vc)
-            dl = dl_buf[: n * vc].view(n, vc)
             rows = c[v0:v0 + vc]
-            _mm_fp32(e, rows.t(), logits, accumulate=False)
-            _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
-                logits, dl, targets, lse if bias is None else bias, lse, grad_scale, keep,
-                *(entropy or (lse, lse)), n, v, vc, v0, vocab_start, triton.cdiv(v, bv),
-                float(target_weight), float(uniform_weight), float(softcap), float(logit_scale),
-                BLOCK_N=bn, BLOCK_V=bv, FILTER=grad_filter is not None,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                ENTROPY=entropy is not None, HAS_SCALE=logit_scale != 1.0, PRECISION=precision,
-                num_warps=cfg.gemm_num_warps,
-            )
+            dl = chunk_dlogits(v0, vc, chunk, logits_buf, dl_buf)
             if want_dc and dbias is not None:
                 torch.sum(dl, dim=0, dtype=torch.float32, out=dbias[v0:v0 + vc])
             if want_de:
@@ -621,9 +757,9 @@ def backward(
         rows remain, the chunk's buffers sit in the last unwritten rows, and the rows before
         them are written in chunks; then the same with half the chunk on the rows that held
         them; the last few rows get buffers of their own, within gemm_tail_bytes."""
-        own = _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - lo, 4 + size)
+        own = _chunk_rows(n, cfg.gemm_tail_bytes, cfg.tail_chunk_v, bv, v - lo, entry)
         while chunk > own:
-            need = n * chunk * (4 + size) + 16  # + alignment
+            need = n * chunk * entry + 16  # + alignment
             end = (v - triton.cdiv(need, d * size)) // bv * bv
             if end - lo < chunk:
                 break
@@ -634,23 +770,23 @@ def backward(
         run_chunks(lo, v, own, *buffers(None, own), None, want_dc=True, want_de=False)
 
     def buffers(raw: torch.Tensor | None, chunk: int):
-        """The chunk's fp32 logits and dl, in ``raw`` (bytes) or in their own allocation."""
+        """The chunk's fp32 logits (None when fused) and dl, in ``raw`` (bytes, 16-byte
+        aligned) or in their own allocation."""
         if raw is None:
-            return (torch.empty((n * chunk,), dtype=torch.float32, device=e.device),
-                    torch.empty((n * chunk,), dtype=e.dtype, device=e.device))
-        return (raw[: n * chunk * 4].view(torch.float32),
-                raw[n * chunk * 4: n * chunk * (4 + size)].view(e.dtype))
+            raw = torch.empty((n * chunk * entry,), dtype=torch.uint8, device=e.device)
+        logits = None if fused else raw[: n * chunk * 4].view(torch.float32)
+        return logits, raw[n * chunk * (entry - size): n * chunk * entry].view(e.dtype)
 
     chunk = _chunk_rows(n, cfg.gemm_bytes, cfg.gemm_chunk_v, bv, v)
     if not want_de:
         chunk = _chunk_rows(n, cfg.gemm_dc_bytes, cfg.gemm_chunk_v, bv, v)
-        lent_rows = triton.cdiv(n * chunk * (4 + size), d * size)
+        lent_rows = triton.cdiv(n * chunk * entry, d * size)
         if dc_accum is not None or lent_rows > cfg.max_lent_fraction * v:
             run_chunks(0, v, chunk, *buffers(None, chunk), None, want_dc=True, want_de=False)
         else:
             dc_only_lent(0, chunk)
         return e.new_empty((0,), dtype=de_dtype), dc
-    split = v if dc_accum is not None else _lent_split(n, d, v, size, cfg)
+    split = v if dc_accum is not None else _lent_split(n, d, v, size, cfg, fused)
     if split == v:  # no rows lent: the workspace has buffers of its own
         de_acc = torch.empty((n, d), dtype=torch.float32, device=e.device)
         out = {}

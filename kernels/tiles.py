@@ -41,7 +41,11 @@ class BlockConfig:
     ("always", "never", or "lent": where the backward would lend dC's rows to its dE
     accumulator and compute their logits twice; elsewhere the extra pass in the forward costs
     more than it saves, measured in BENCHMARKS.md). The per-entry filter keeps
-    the fused tile kernels, which skip work.
+    the fused tile kernels, which skip work. With ``gemm_fused_dl`` (16-bit inputs on Hopper or
+    newer, and the interpreter), the backward's logits and dl are one Triton kernel instead of a
+    cuBLAS product and a pass over its fp32 result: persistent programs of ``dl_block_m`` x
+    ``dl_block_c`` tiles, TMA loads of ``dl_block_k`` columns, ``dl_stages`` deep, grouped by
+    ``dl_group`` token tiles.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -79,6 +83,13 @@ class BlockConfig:
     gemm_dc_bytes: int = 128 << 20
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
+    gemm_fused_dl: bool = True
+    dl_block_m: int = 128
+    dl_block_c: int = 256
+    dl_block_k: int = 64
+    dl_stages: int = 3
+    dl_warps: int = 8
+    dl_group: int = 8
 
     def __post_init__(self) -> None:
         if self.block_n % min(self.block_n, self.gemm_stats_n):
@@ -103,6 +114,7 @@ INTERPRETER_CONFIG = BlockConfig(
     max_lent_fraction=1.0, exact_block_n=32, fw_block_n=32, fw_block_v=32, fw_block_d=16,
     fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
     gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1, gemm_de_in_forward="always",
+    dl_block_m=16, dl_block_c=32, dl_block_k=16, dl_stages=1, dl_warps=1, dl_group=2,
 )
 
 

@@ -49,7 +49,9 @@ def checked_memory():
         args_hst, kwargs_hst = grid_init(self, args_dev, kwargs)
         named = list(zip(self.arg_names, args_hst)) + list(kwargs_hst.items())
         _state.kernel = self.fn.__name__
-        _state.spans = [(name, *_span(a)) for name, a in named if isinstance(a, torch.Tensor)]
+        # A TMA descriptor's accesses are checked against its base tensor (the view it wraps).
+        _state.spans = [(name, *_span(getattr(a, "base", a))) for name, a in named
+                        if isinstance(getattr(a, "base", a), torch.Tensor)]
         counts["launches"] += 1
         return args_hst, kwargs_hst
 

@@ -73,9 +73,8 @@ def test_budget_filter_drops_exactly_the_rejected_tiles():
     """The gemm backward zeroes exactly the (block_n x block_v) tiles that keep_tiles() rejects
     and that hold no target: grads equal float64 grads with those tiles zeroed."""
     e, c, t = make_inputs("zipf", 80, 64, 700, dtype=torch.float32, seed=3)
-    e = e * 4
     n, v = e.shape[0], c.shape[0]
-    budget = 0.05
+    budget = 50.0  # far beyond any real one: the dropped tiles hold mass a test can see
     bn, bv = CFG.block_n, CFG.block_v
     _, _, tile_max, _ = gemm_engine.forward(e, c, t, 0, CFG)
     lse = torch.logsumexp(e.double() @ c.double().T, dim=1).float()
@@ -86,7 +85,9 @@ def test_budget_filter_drops_exactly_the_rejected_tiles():
     with torch.no_grad():
         g = torch.softmax(e.double() @ c.double().T, dim=1)
         g[torch.arange(n), t] -= 1.0
+        full = g.clone()
         g = torch.where(mask, g, 0.0)
+    assert rel_err(g @ c.double(), full @ c.double()) > 1e-2
     de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, GradFilter("budget", budget),
                                   tile_max, CFG)
     assert rel_err(de, g @ c.double()) < 1e-5 and rel_err(dc, g.T @ e.double()) < 1e-5
@@ -276,14 +277,13 @@ def test_backward_without_de_computes_each_row_once(dtype, accumulate, monkeypat
     lse = gemm_engine.forward(e, c, t, 0, cfg)[0]
     scale = torch.rand(n, generator=torch.Generator().manual_seed(2))
     products = []
-    real = gemm_engine._mm_fp32
+    real = gemm_engine.ChunkDlogits.__call__
 
-    def counting(a, b, out, accumulate):
-        if b.shape[0] == d:  # e @ c[chunk].T: a chunk's logits
-            products.append(b.shape[1])
-        return real(a, b, out, accumulate)
+    def counting(self, v0, vc, *args):  # a chunk's logits (fused into dl, or cuBLAS's)
+        products.append(vc)
+        return real(self, v0, vc, *args)
 
-    monkeypatch.setattr(gemm_engine, "_mm_fp32", counting)
+    monkeypatch.setattr(gemm_engine.ChunkDlogits, "__call__", counting)
     de_full, dc_full = gemm_engine.backward(e, c, t, lse, scale, 0, None, None, cfg)
     assert sum(products) > v  # the lent rows, twice
     products.clear()
@@ -355,16 +355,20 @@ def test_the_loss_makes_de_in_its_forward(reduction, options, monkeypatch):
 
 def test_the_forward_makes_de_where_the_backward_would_lend_rows():
     """On the GPU's config the forward makes dE only where the backward would otherwise lend
-    dC's rows to its dE accumulator (8192 x 4096 x 128256: yes; 4096 x 1024 x 128256 and a
-    shard of 64128 rows: no, their workspace gets buffers of its own)."""
+    dC's rows to its dE accumulator. With the fused dl kernel (no fp32 logits in the
+    workspace): 8192 x 4096 x 128256, 8192 x 2304 x 256000 and 4096 x 1024 x 128256 lend, a
+    shard of 64128 rows does not; with cuBLAS's fp32 logits in the workspace too, 4096 x 1024 x
+    128256 does not either."""
     from cce_dist.kernels.tiles import GPU_CONFIG
 
-    def lends(n, d, v):
-        return gemm_engine.backward_lends_rows(n, d, v, 2, GPU_CONFIG)
+    def lends(n, d, v, fused=True):
+        return gemm_engine.backward_lends_rows(n, d, v, 2, GPU_CONFIG, fused)
 
     assert GPU_CONFIG.gemm_de_in_forward == "lent" and CFG.gemm_de_in_forward == "always"
     assert lends(8192, 4096, 128256) and lends(8192, 2304, 256000)
-    assert not lends(4096, 1024, 128256) and not lends(8192, 4096, 64128)
+    assert lends(4096, 1024, 128256) and not lends(8192, 4096, 64128)
+    assert lends(8192, 4096, 128256, False) and lends(8192, 2304, 256000, False)
+    assert not lends(4096, 1024, 128256, False) and not lends(8192, 4096, 64128, False)
     assert not lends(0, 4096, 128256)
     from cce_dist.kernels import ops
 
@@ -500,3 +504,61 @@ def test_forward_de_with_a_scale_a_masked_first_chunk_and_a_low_cap(dtype, logit
                                logit_scale=logit_scale)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     assert rel_err(de, de64) < tol
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"filter": True},
+    {"bias": True, "filter": True},
+    {"entropy": True, "logit_scale": 1.7},
+    {"uniform_weight": 0.01, "target_weight": 0.9, "softcap": 6.0},
+])
+@pytest.mark.parametrize("want_de,accumulate", [(True, False), (False, False), (False, True)])
+def test_fused_dlogits_kernel_matches_the_two_launch_path(options, want_de, accumulate):
+    """The backward's fused kernel (logits and dl in one persistent TMA kernel) and the
+    two-launch path (fp32 logits from a product, then the dl kernel) give the same gradients
+    on every option (bias, softcap, the budget filter's zeroed tiles, entropy, logit scale, the
+    smoothing weights), both orientations of the workspace and a dC accumulated into fp32;
+    and the fused path is the one that ran (no fp32 logits product)."""
+    n, d, v = 40, 32, 300
+    e, c, t = make_inputs("zipf", n, d, v, dtype=torch.bfloat16, seed=12)
+    t[::7] = -100
+    gen = torch.Generator().manual_seed(4)
+    bias = torch.randn(v, generator=gen) if options.get("bias") else None
+    scale_logits = options.get("logit_scale", 1.0)
+    softcap = options.get("softcap", 0.0)
+    lse, _, tile_max, mean = gemm_engine.forward(e, c, t, 0, CFG, softcap=softcap, bias=bias,
+                                                 mean_logit=True, logit_scale=scale_logits)
+    scale = torch.rand(n, generator=gen) * (t >= 0)
+    # A budget far beyond any real one: the zeroed tiles hold mass that shows.
+    budget = GradFilter("budget", 50.0) if options.get("filter") else None
+    if budget is not None:
+        keep = keep_tiles(tile_max, lse, CFG.block_n, CFG.block_v, v, v, budget)
+        assert 0 < keep.float().mean() < 1, "the filter must zero some tiles"
+    entropy = (torch.randn(n, generator=gen), mean) if options.get("entropy") else None
+    results = {}
+    for fused in (True, False):
+        cfg = replace(CFG, gemm_fused_dl=fused)
+        assert gemm_engine.fused_dlogits(e, c, cfg) == fused
+        dbias = torch.zeros(v) if bias is not None else None
+        dc_accum = torch.zeros(v, d) if accumulate else None
+        with checked_memory(), mock.patch.object(
+                gemm_engine, "_mm_fp32", wraps=gemm_engine._mm_fp32) as products:
+            de, dc = gemm_engine.backward(
+                e, c, t, lse, scale, 0, budget, tile_max, cfg, softcap=softcap, bias=bias,
+                dbias=dbias, entropy=entropy, logit_scale=scale_logits,
+                uniform_weight=options.get("uniform_weight", 0.0),
+                target_weight=options.get("target_weight", 1.0), dc_accum=dc_accum,
+                want_de=want_de)
+        logits_products = [call for call in products.call_args_list
+                           if call.args[1].shape[0] == d]  # e @ c[chunk].T
+        assert bool(logits_products) != fused
+        assert (de.numel() > 0) == want_de
+        results[fused] = {"de": de, "dc": dc_accum if accumulate else dc, "dbias": dbias}
+    for name, x in results[True].items():
+        if x is not None and x.numel():
+            assert rel_err(x, results[False][name].double()) < 2e-3, (name, options)
+    if budget is not None:  # and the zeroed tiles matter
+        unfiltered = gemm_engine.backward(e, c, t, lse, scale, 0, None, tile_max, CFG, bias=bias,
+                                          dbias=None if bias is None else torch.zeros(v))
+        assert rel_err(results[True]["dc"], unfiltered[1].double()) > 2e-2

@@ -139,6 +139,51 @@ def test_forward_de_across_many_chunks(dtype, far):
     assert torch.isfinite(de).all()
 
 
+@pytest.mark.parametrize("v,d,dtype", [(32000, 1024, torch.bfloat16), (50257, 768, torch.bfloat16),
+                                       (20011, 512, torch.float16)])
+def test_fused_dlogits_kernel_on_the_gpu(v, d, dtype):
+    """The backward's persistent TMA kernel (logits and dl in one launch) against the
+    two-launch path (cuBLAS fp32 logits, then the dl kernel), compiled, over several chunks
+    whose last one is not a multiple of 8 rows; with the budget filter, a bias and a softcap,
+    with dE and without, and dC into an fp32 accumulator. Both against float64 too."""
+    from dataclasses import replace
+
+    from cce_dist.kernels import gemm_engine, tiles
+    from cce_dist.kernels.filtering import GradFilter, default_budget
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    n = 3000
+    e, c, t = make_inputs("lm", n, d, v, device="cuda", seed=5, dtype=dtype)
+    t[::11] = -100
+    bias = torch.randn(v, device="cuda") * 0.5
+    cfg = replace(tiles.GPU_CONFIG, gemm_bytes=16 << 20, gemm_dc_bytes=16 << 20)
+    lse, _, tile_max, _ = gemm_engine.forward(e, c, t, 0, cfg, softcap=30.0, bias=bias)
+    scale = (t >= 0).float() / (t >= 0).sum()
+    budget = GradFilter("budget", default_budget(dtype))
+    got = {}
+    for fused in (True, False):
+        run = replace(cfg, gemm_fused_dl=fused)
+        assert gemm_engine.fused_dlogits(e, c, run) == fused
+        dbias = torch.zeros(v, device="cuda")
+        de, dc = gemm_engine.backward(e, c, t, lse, scale, 0, budget, tile_max, run,
+                                      softcap=30.0, bias=bias, dbias=dbias)
+        accum = torch.zeros(v, d, device="cuda")
+        gemm_engine.backward(e, c, t, lse, scale, 0, budget, tile_max, run, softcap=30.0,
+                             bias=bias, dc_accum=accum, want_de=False)
+        got[fused] = (de, dc, dbias, accum)
+    for x, y in zip(got[True], got[False]):
+        assert rel_err(x, y.double()) < 2e-3
+    e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
+    b64 = bias.double().requires_grad_()
+    z = 30.0 * torch.tanh((e64 @ c64.T + b64) / 30.0)
+    want = F.cross_entropy(z, t)
+    want_de, want_dc, want_db = torch.autograd.grad(want, (e64, c64, b64))
+    de, dc, dbias, accum = got[True]
+    assert rel_err(de, want_de) < 1e-2 and rel_err(dc, want_dc) < 1e-2
+    assert rel_err(dbias, want_db) < 1e-2 and rel_err(accum, want_dc) < 1e-2
+
+
 def _leaves(e, c):
     return e.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
 

@@ -58,6 +58,12 @@ def methods(selected: set[str]) -> dict:
     de_in_backward.context = lambda: mock.patch.object(
         function, "forward_makes_de", lambda *args: False)
     out["cce-dist dE in backward"] = de_in_backward
+    # The default with the backward's logits from cuBLAS (fp32) and dl from a second kernel
+    # (the engine before the fused dl kernel of 2026-11-29).
+    two_launch = (lambda e, c, t: linear_cross_entropy(e, c, t))
+    two_launch.context = lambda: mock.patch.object(
+        tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm_fused_dl=False))
+    out["cce-dist two-launch dl"] = two_launch
     if want("apple CCE"):
         try:
             from cut_cross_entropy import linear_cross_entropy as apple

@@ -111,17 +111,3 @@ def keep_tiles(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int, block_v:
         skip = _max_prob(tile_max, lse, block_n) < grad_filter.value
     return (~skip).to(torch.int8)
 
-
-def keep_target_tiles(keep: torch.Tensor, targets: torch.Tensor, vocab_start: int, v: int,
-                      block_n: int, block_v: int) -> torch.Tensor:
-    """``keep`` ((n_tiles, v_tiles) int8, from :func:`keep_tiles`) with every tile that holds a
-    token's target in this shard's rows [vocab_start, vocab_start + v) set to 1: a copy, made
-    with device ops only (no host sync), so that kernels need not test for targets themselves."""
-    n = targets.shape[0]
-    local = targets.to(torch.int64) - vocab_start
-    inside = (local >= 0) & (local < v)
-    at = (torch.arange(n, device=keep.device) // block_n) * keep.shape[1]
-    at = at + local.clamp(0, max(v - 1, 0)) // block_v
-    flat = torch.cat([keep.reshape(-1), keep.new_zeros(1)])
-    flat.index_fill_(0, torch.where(inside, at, flat.numel() - 1), 1)  # the last: a dump
-    return flat[:-1].view(keep.shape)

@@ -10,8 +10,11 @@ logits of the chunk into a small buffer, then runs one memory-bound Triton kerne
   forward also makes dE, the same read writes the chunk's unnormalized probabilities for cuBLAS
   to add ``p @ C[chunk]`` into an fp32 accumulator;
 * backward: ``_chunk_dlogits_kernel`` turns the chunk into ``dl = (softmax - w * onehot) * scale``
-  in the input dtype, zeroing the tiles the budget filter skips; then cuBLAS adds ``dl @ C[chunk]``
-  into an fp32 dE accumulator and writes ``dC[chunk] = dl.T @ E``.
+  in the input dtype; then cuBLAS adds ``dl @ C[chunk]`` into an fp32 dE accumulator and writes
+  ``dC[chunk] = dl.T @ E``. For 16-bit inputs on Hopper or newer, one persistent Triton kernel
+  (``_chunk_dlogits_gemm_kernel``, TMA loads) computes the chunk's logits and writes dl directly,
+  which is faster than cuBLAS's product plus a pass over its fp32 result, and keeps only dl in
+  the workspace. The budget filter skips nothing here (the products are dense).
 
 The N x V logits never exist: the forward holds ``n x fw_chunk`` fp32 logits at a time, the
 backward ``n x chunk`` fp32 logits and dl, which live (with the fp32 dE accumulator) in the
@@ -31,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .combine import softmax_weighted_mean
-from .filtering import GradFilter, keep_target_tiles, keep_tiles
+from .filtering import GradFilter
 from .tiles import (
     BlockConfig,
     cast_out,
@@ -68,17 +71,13 @@ def probs_cap(dtype: torch.dtype, logit_scale: float = 1.0) -> float:
 
 @triton.jit
 def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, scale_ptr,
-             keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start, num_v_tiles, target_weight,
-             uniform_weight, softcap, logit_scale,
-             KEEP_N: tl.constexpr, KEEP_V: tl.constexpr, FILTER: tl.constexpr,
-             HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
-             HAS_SCALE: tl.constexpr):
+             ent_scale_ptr, mean_ptr, V, vocab_start, target_weight, uniform_weight, softcap,
+             logit_scale, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr):
     """dl (fp32) of one tile of a chunk from its fp32 products ``raw`` (tokens ``offs_n`` x the
     chunk's columns ``offs_c``, rows ``v0 + offs_c`` of this shard):
     ``(softmax - target_weight * onehot - uniform_weight) * scale`` (plus the entropy's term),
-    zero in the ``KEEP_N`` x ``KEEP_V`` tiles the budget filter skips (``keep``, whose targets'
-    tiles are already set: :func:`filtering.keep_target_tiles`), through the softcap and the
-    logit scale; zero outside the masks."""
+    through the softcap and the logit scale; zero outside the masks."""
     mask = mask_n[:, None] & mask_v[None, :]
     cols = v0 + offs_c
     local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
@@ -95,21 +94,15 @@ def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, 
         ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
         mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
         g += ent[:, None] * p * (logits - mean[:, None])
-    if FILTER:  # a tile the budget filter skips contributes nothing
-        at = (offs_n // KEEP_N)[:, None] * num_v_tiles + (cols // KEEP_V)[None, :]
-        keep = tl.load(keep_ptr + at, mask=mask, other=0)
-        g = tl.where(keep != 0, g, 0.0)
     g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
     return tl.where(mask, g, 0.0)
 
 
 @triton.jit
 def _chunk_dlogits_kernel(
-    logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
-    mean_ptr, N, V, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
-    logit_scale,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, FILTER: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N, V, vc,
+    v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
     HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
@@ -123,21 +116,18 @@ def _chunk_dlogits_kernel(
     at = offs_n.to(tl.int64)[:, None] * vc + offs_c[None, :]
     raw = tl.load(logits_ptr + at, mask=mask_n[:, None] & mask_v[None, :], other=0.0)
     g = _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, scale_ptr,
-                 keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start, num_v_tiles, target_weight,
-                 uniform_weight, softcap, logit_scale, BLOCK_N, BLOCK_V, FILTER, HAS_BIAS,
-                 HAS_SOFTCAP, ENTROPY, HAS_SCALE)
+                 ent_scale_ptr, mean_ptr, V, vocab_start, target_weight, uniform_weight,
+                 softcap, logit_scale, HAS_BIAS, HAS_SOFTCAP, ENTROPY, HAS_SCALE)
     tl.store(dl_ptr + at, cast_out(g, dl_ptr.dtype.element_ty, PRECISION),
              mask=mask_n[:, None] & mask_v[None, :])
 
 
 @triton.jit
 def _chunk_dlogits_gemm_kernel(
-    e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr,
-    mean_ptr, N, V, D, vc, v0, vocab_start, num_v_tiles, target_weight, uniform_weight, softcap,
-    logit_scale,
+    e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N,
+    V, D, vc, v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, KEEP_N: tl.constexpr,
-    KEEP_V: tl.constexpr, FILTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -163,9 +153,9 @@ def _chunk_dlogits_gemm_kernel(
         offs_n = om + tl.arange(0, BLOCK_M)
         offs_c = oc + tl.arange(0, BLOCK_C)
         g = _dlogits(acc, offs_n, offs_c, offs_n < N, offs_c < vc, v0, t_ptr, bias_ptr,
-                     lse_ptr, scale_ptr, keep_ptr, ent_scale_ptr, mean_ptr, V, vocab_start,
-                     num_v_tiles, target_weight, uniform_weight, softcap, logit_scale, KEEP_N,
-                     KEEP_V, FILTER, HAS_BIAS, HAS_SOFTCAP, ENTROPY, HAS_SCALE)
+                     lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, V, vocab_start, target_weight,
+                     uniform_weight, softcap, logit_scale, HAS_BIAS, HAS_SOFTCAP, ENTROPY,
+                     HAS_SCALE)
         dl_desc.store([om, oc], cast_out(g, dl_desc.dtype, PRECISION))
 
 
@@ -394,17 +384,20 @@ def supported(e: torch.Tensor) -> bool:
     return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig) -> bool:
+def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
+                  pointers: bool = True) -> bool:
     """Whether the backward computes each chunk's logits and dl in one kernel
     (``_chunk_dlogits_gemm_kernel``): 16-bit inputs whose rows TMA can load (16-byte aligned
-    starts and strides), on a GPU with TMA (Hopper or newer) or the interpreter."""
+    starts and strides), on a GPU with TMA (Hopper or newer) or the interpreter. Without
+    ``pointers`` the starts are not looked at (under torch.compile's tracing, which has
+    none)."""
     if not cfg.gemm_fused_dl or TensorDescriptor is None or e.dtype not in (
             torch.bfloat16, torch.float16) or c.dtype != e.dtype:
         return False
     if e.is_cuda and torch.cuda.get_device_capability(e.device)[0] < 9:
         return False
-    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and (t.stride(0) * t.element_size()) % 16 == 0 for t in (e, c))
+    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
 
 
 def _dl_entry_bytes(fused: bool, itemsize: int) -> int:
@@ -636,7 +629,7 @@ class ChunkDlogits:
     (N, vc) of rows [v0, v0 + vc), row stride ``ld`` when fused, in ``dl_buf``. Fused: one
     ``_chunk_dlogits_gemm_kernel``; otherwise cuBLAS writes the fp32 logits into
     ``logits_buf`` and ``_chunk_dlogits_kernel`` turns them into dl. ``args``: the kernels'
-    tensors after dl (targets, bias, lse, scale, keep, entropy's two), ``scalars`` their floats,
+    tensors after dl (targets, bias, lse, scale, entropy's two), ``scalars`` their floats,
     ``flags`` their constexprs."""
 
     def __init__(self, e: torch.Tensor, c: torch.Tensor, fused: bool, vocab_start: int,
@@ -659,18 +652,17 @@ class ChunkDlogits:
             programs = min(self.programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc))
             _chunk_dlogits_gemm_kernel[(programs,)](
                 self.e_desc, self.c_desc, TensorDescriptor(dl, [n, vc], [ld, 1], [bm, bc]),
-                *self.args, n, v, d, vc, v0, self.vocab_start, triton.cdiv(v, bv),
-                *self.scalars, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=cfg.dl_block_k,
-                GROUP=cfg.dl_group, STAGES=cfg.dl_stages, NUM_PROGRAMS=programs, KEEP_N=bn,
-                KEEP_V=bv, **self.flags, num_warps=cfg.dl_warps,
+                *self.args, n, v, d, vc, v0, self.vocab_start, *self.scalars, BLOCK_M=bm,
+                BLOCK_C=bc, BLOCK_K=cfg.dl_block_k, GROUP=cfg.dl_group, STAGES=cfg.dl_stages,
+                NUM_PROGRAMS=programs, **self.flags, num_warps=cfg.dl_warps,
             )
             return dl
         logits = logits_buf[: n * vc].view(n, vc)
         dl = dl_buf[: n * vc].view(n, vc)
         _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
         _chunk_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
-            logits, dl, *self.args, n, v, vc, v0, self.vocab_start, triton.cdiv(v, bv),
-            *self.scalars, BLOCK_N=bn, BLOCK_V=bv, **self.flags, num_warps=cfg.gemm_num_warps,
+            logits, dl, *self.args, n, v, vc, v0, self.vocab_start, *self.scalars, BLOCK_N=bn,
+            BLOCK_V=bv, **self.flags, num_warps=cfg.gemm_num_warps,
         )
         return dl
 
@@ -698,8 +690,9 @@ def backward(
     dc_accum: torch.Tensor | None = None,
     want_de: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``triton_backward.backward`` for no filter or the budget filter (whose
-    skipped tiles, on ``cfg.block_n`` x ``cfg.block_v``, contribute nothing). With ``bias``
+    """Same contract as ``triton_backward.backward`` for no filter or the budget filter, which
+    skips nothing here: the products are dense, so zeroing the tiles it allows to skip would
+    save no work and only lose (bounded) accuracy; the gradients are exact. With ``bias``
     (V,), ``dbias`` (V,) fp32 receives its gradient. With ``dc_accum`` ((V, D) fp32), each
     chunk's ``dl.T @ E`` is added into it by cuBLAS in fp32, and an empty tensor stands for
     dC (the workspace then has storage of its own: there is no dC to lend it). Without
@@ -715,13 +708,9 @@ def backward(
         de, dc = zero_gradients(e, c, de_fp32, on_de_ready if want_de else None)
         de = de if want_de else de.new_empty((0,))
         return de, (dc if dc_accum is None else dc.new_empty((0,)))
-    bn, bv = cfg.block_n, cfg.block_v
+    bv = cfg.block_v
     dc = (torch.empty(c.shape, dtype=c.dtype, device=c.device) if dc_accum is None
           else c.new_empty((0,)))
-    keep = lse  # unused by the kernel without a filter
-    if grad_filter is not None:
-        keep = keep_target_tiles(keep_tiles(tile_max, lse, bn, bv, v, vocab_size or v,
-                                            grad_filter), targets, vocab_start, v, bn, bv)
     precision = dot_precision(e.dtype)
     size = dc.element_size()
     fused = fused_dlogits(e, c, cfg)
@@ -729,11 +718,10 @@ def backward(
     state = {"de_started": False}
     chunk_dlogits = ChunkDlogits(
         e, c, fused, vocab_start, cfg, (
-            targets, lse if bias is None else bias, lse, grad_scale, keep,
-            *(entropy or (lse, lse))),
+            targets, lse if bias is None else bias, lse, grad_scale, *(entropy or (lse, lse))),
         (float(target_weight), float(uniform_weight), float(softcap), float(logit_scale)),
-        dict(FILTER=grad_filter is not None, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-             ENTROPY=entropy is not None, HAS_SCALE=logit_scale != 1.0, PRECISION=precision))
+        dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0, ENTROPY=entropy is not None,
+             HAS_SCALE=logit_scale != 1.0, PRECISION=precision))
 
     def run_chunks(lo, hi, chunk, logits_buf, dl_buf, de_acc, want_dc, want_de, de_done=None):
         for v0 in range(lo, hi, chunk):

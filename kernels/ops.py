@@ -104,7 +104,7 @@ def forward_makes_de(e: torch.Tensor, c: torch.Tensor, backend: str) -> bool:
     if cfg.gemm_de_in_forward == "lent":
         return gemm_engine.backward_lends_rows(e.shape[0], e.shape[1], c.shape[0],
                                                e.element_size(), cfg,
-                                               gemm_engine.fused_dlogits(e, c, cfg))
+                                               gemm_engine.fused_dlogits(e, c, cfg, pointers=False))
     return cfg.gemm_de_in_forward == "always"
 
 

@@ -110,4 +110,3 @@ def keep_tiles(tile_max: torch.Tensor, lse: torch.Tensor, block_n: int, block_v:
     else:  # every entry of the tile is provably under eps
         skip = _max_prob(tile_max, lse, block_n) < grad_filter.value
     return (~skip).to(torch.int8)
-

@@ -127,11 +127,11 @@ def _chunk_dlogits_gemm_kernel(
     e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N,
     V, D, vc, v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    STAGES: tl.constexpr, NUM_PROGRAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid: (NUM_PROGRAMS,), persistent. Each program walks tiles of ``BLOCK_M`` tokens x
+    """Grid: (programs,), persistent. Each program walks tiles of ``BLOCK_M`` tokens x
     ``BLOCK_C`` rows of the chunk ``[v0, v0 + vc)`` (grouped by ``GROUP`` token tiles, so
     that c's rows are reused from L2), multiplies ``e @ c.T`` from TMA loads into fp32, and
     stores that tile of dl (:func:`_dlogits`) through ``dl_desc`` ((N, vc), dl's dtype): the
@@ -140,7 +140,7 @@ def _chunk_dlogits_gemm_kernel(
     num_m = tl.cdiv(N, BLOCK_M)
     num_c = tl.cdiv(vc, BLOCK_C)
     per_group = GROUP * num_c
-    for tile in tl.range(tl.program_id(0), num_m * num_c, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
         first_m = (tile // per_group) * GROUP
         rows = tl.minimum(num_m - first_m, GROUP)
         pid_m = first_m + (tile % per_group) % rows
@@ -388,16 +388,33 @@ def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
                   pointers: bool = True) -> bool:
     """Whether the backward computes each chunk's logits and dl in one kernel
     (``_chunk_dlogits_gemm_kernel``): 16-bit inputs whose rows TMA can load (16-byte aligned
-    starts and strides), on a GPU with TMA (Hopper or newer) or the interpreter. Without
-    ``pointers`` the starts are not looked at (under torch.compile's tracing, which has
-    none)."""
+    starts and strides, and a D whose fp32 rows keep the workspace's dl aligned after the dE
+    accumulator), on a GPU with TMA (Hopper or newer) and the shared memory of the kernel's
+    tiles, or the interpreter. Without ``pointers`` the starts are not looked at (under
+    torch.compile's tracing, which has none)."""
     if not cfg.gemm_fused_dl or TensorDescriptor is None or e.dtype not in (
             torch.bfloat16, torch.float16) or c.dtype != e.dtype:
         return False
-    if e.is_cuda and torch.cuda.get_device_capability(e.device)[0] < 9:
+    if e.is_cuda and not _tma_tiles_fit(e.device, cfg, e.element_size()):
         return False
-    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-               and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
+    return (e.shape[1] * 4) % 16 == 0 and all(
+        t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+        and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
+
+
+def _tma_tiles_fit(device: torch.device, cfg: BlockConfig, itemsize: int) -> bool:
+    """TMA (compute capability >= 9) and shared memory for the fused kernel's pipelined
+    operand tiles and its output tile (consumer Blackwell has about 99 KB, not 227)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    need = itemsize * (cfg.dl_stages * (cfg.dl_block_m + cfg.dl_block_c) * cfg.dl_block_k
+                       + cfg.dl_block_m * cfg.dl_block_c)
+    have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
+                   None)
+    if have is None:  # an older torch: ask triton's driver
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        have = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return have >= need
 
 
 def _dl_entry_bytes(fused: bool, itemsize: int) -> int:
@@ -654,7 +671,7 @@ class ChunkDlogits:
                 self.e_desc, self.c_desc, TensorDescriptor(dl, [n, vc], [ld, 1], [bm, bc]),
                 *self.args, n, v, d, vc, v0, self.vocab_start, *self.scalars, BLOCK_M=bm,
                 BLOCK_C=bc, BLOCK_K=cfg.dl_block_k, GROUP=cfg.dl_group, STAGES=cfg.dl_stages,
-                NUM_PROGRAMS=programs, **self.flags, num_warps=cfg.dl_warps,
+                **self.flags, num_warps=cfg.dl_warps,
             )
             return dl
         logits = logits_buf[: n * vc].view(n, vc)

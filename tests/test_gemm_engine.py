@@ -509,15 +509,16 @@ def test_forward_de_with_a_scale_a_masked_first_chunk_and_a_low_cap(dtype, logit
     {"entropy": True, "logit_scale": 1.7},
     {"uniform_weight": 0.01, "target_weight": 0.9, "softcap": 6.0},
 ])
-@pytest.mark.parametrize("want_de,accumulate", [(True, False), (False, False), (False, True)])
-def test_fused_dlogits_kernel_matches_the_two_launch_path(options, want_de, accumulate):
+@pytest.mark.parametrize("want_de,accumulate,dtype", [
+    (True, False, torch.bfloat16), (False, False, torch.float16), (False, True, torch.bfloat16)])
+def test_fused_dlogits_kernel_matches_the_two_launch_path(options, want_de, accumulate, dtype):
     """The backward's fused kernel (logits and dl in one persistent TMA kernel) and the
     two-launch path (fp32 logits from a product, then the dl kernel) give the same gradients
     on every option (bias, softcap, entropy, logit scale, the
     smoothing weights), with dE and without, and a dC accumulated into fp32; and the fused path
     is the one that ran (no fp32 logits product)."""
     n, d, v = 40, 32, 300
-    e, c, t = make_inputs("zipf", n, d, v, dtype=torch.bfloat16, seed=12)
+    e, c, t = make_inputs("zipf", n, d, v, dtype=dtype, seed=12)
     t[::7] = -100
     gen = torch.Generator().manual_seed(4)
     bias = torch.randn(v, generator=gen) if options.get("bias") else None
@@ -542,10 +543,40 @@ def test_fused_dlogits_kernel_matches_the_two_launch_path(options, want_de, accu
                 target_weight=options.get("target_weight", 1.0), dc_accum=dc_accum,
                 want_de=want_de)
         logits_products = [call for call in products.call_args_list
-                           if call.args[1].shape[0] == d]  # e @ c[chunk].T
+                           if call.args[0] is e]  # e @ c[chunk].T
         assert bool(logits_products) != fused
         assert (de.numel() > 0) == want_de
         results[fused] = {"de": de, "dc": dc_accum if accumulate else dc, "dbias": dbias}
     for name, x in results[True].items():
         if x is not None and x.numel():
             assert rel_err(x, results[False][name].double()) < 2e-3, (name, options)
+    if not options:  # and against float64
+        scale64 = scale.double()
+        g = torch.softmax(e.double() @ c.double().T, 1) - torch.nn.functional.one_hot(
+            t.clamp(min=0), v).double()
+        g = g * scale64[:, None]
+        if want_de:
+            assert rel_err(results[True]["de"], g @ c.double()) < 1e-2
+        assert rel_err(results[True]["dc"], g.T @ e.double()) < 1e-2
+
+
+@pytest.mark.parametrize("layout", ["misaligned start", "odd D in padded rows"])
+def test_inputs_tma_cannot_load_take_the_two_launch_path(layout):
+    """A start off 16 bytes (a view one element into its storage), or a D whose fp32 rows would
+    leave the lent workspace's dl off 16 bytes (rows padded to an aligned stride): the fused
+    kernel is not eligible, and the backward (rows lent, dE computed in it) is still exact."""
+    n, v = 3, 300
+    d = 33 if layout == "odd D in padded rows" else 32
+    e0, c0, t = make_inputs("spread", n, d, v, dtype=torch.bfloat16, seed=2)
+    if layout == "misaligned start":
+        e = torch.empty(n * d + 1, dtype=e0.dtype)[1:].view(n, d).copy_(e0)
+        c = c0
+    else:
+        e = torch.zeros(n, 40, dtype=e0.dtype)[:, :d].copy_(e0)
+        c = torch.zeros(v, 40, dtype=c0.dtype)[:, :d].copy_(c0)
+    assert not gemm_engine.fused_dlogits(e, c, CFG)
+    lse = gemm_engine.forward(e, c, t, 0, CFG)[0]
+    with checked_memory():
+        de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, CFG)
+    _, ref_de, ref_dc = float64_reference(e0, c0, t, reduction="sum")
+    assert rel_err(de, ref_de) < 1e-2 and rel_err(dc, ref_dc) < 1e-2

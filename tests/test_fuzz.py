@@ -343,13 +343,17 @@ def test_fuzz_vocabulary_parallel_over_gloo(world):
     cols=st.sampled_from((16, 32, 64)), stats_n=st.sampled_from((8, 16)),
     tail_bytes=st.sampled_from((1, 4096, 1 << 20)), lend=st.sampled_from((0.0, 0.25, 1.0)),
     filter_eps=st.sampled_from((None, "auto")), seed=st.integers(0, 2**16),
+    layout=st.sampled_from(("contiguous", "padded rows", "offset start")),
 )
 def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_n, tail_bytes,
-                           lend, filter_eps, seed):
+                           lend, filter_eps, seed, layout):
     """Each engine under random chunk sizes, column groups and workspace plans (dC's rows lent
     or not, nested buffers for the lent rows, tail chunks of one tile): forward statistics and
     gradients equal float64, under the bounds check. The CI shapes above rarely reach these
-    plans (a mutation that overlapped the nested buffers passed them)."""
+    plans (a mutation that overlapped the nested buffers passed them). e and c come
+    contiguous, in rows padded to a 16-byte stride, or one element into their storage (which
+    decide whether the backward's TMA kernel may load them: a D of 33 in padded rows once
+    crashed it)."""
     from dataclasses import replace
 
     from cce_dist.kernels import gemm_engine, triton_backward, triton_forward
@@ -364,6 +368,13 @@ def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(n, d, generator=g).to(dtype)
     c = (torch.randn(v, d, generator=g) * 2 / d ** 0.5).to(dtype)
+    if layout == "padded rows":
+        row = -(-d * e.element_size() // 16) * 16 // e.element_size()
+        e = torch.zeros(n, row, dtype=dtype)[:, :d].copy_(e)
+        c = torch.zeros(v, row, dtype=dtype)[:, :d].copy_(c)
+    elif layout == "offset start":
+        e = torch.zeros(n * d + 1, dtype=dtype)[1:].view(n, d).copy_(e)
+        c = torch.zeros(v * d + 1, dtype=dtype)[1:].view(v, d).copy_(c)
     t = torch.randint(0, v, (n,), generator=g)
     scale = torch.rand(n, generator=g)
     forward = gemm_engine.forward if engine == "gemm" else triton_forward.forward
@@ -377,7 +388,8 @@ def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_
     with checked_memory():
         lse, tgt, tile_max, _ = forward(e, c, t, 0, cfg)
         de, dc = backward(e, c, t, lse, scale, 0, decode_filter(code), tile_max, cfg)
-    what = f"{engine} {dtype} N={n} D={d} V={v} chunk={chunk} lend={lend} tail={tail_bytes}"
+    what = (f"{engine} {dtype} N={n} D={d} V={v} chunk={chunk} lend={lend} tail={tail_bytes} "
+            f"{layout}")
     assert rel_err(lse, torch.logsumexp(logits, 1)) <= 1e-5, what
     assert rel_err(tgt, logits.gather(1, t[:, None])[:, 0]) <= 1e-5, what
     tol = GRAD_TOL[dtype] * (1 if code is None else 2)

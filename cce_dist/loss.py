@@ -38,6 +38,10 @@ def flat_inputs(e, c, targets, group, vocab_start, ignore_index, **fields):
     must share; see ``shard_layout``). Targets outside the vocabulary raise on the CPU."""
     d = e.shape[-1]
     e2 = e.reshape(-1, d)
+    # Narrow integer targets (uint8, int8, int16) would wrap ignore_index and the vocabulary
+    # size in comparisons (-100 as uint8 is class 156): their values, widened.
+    if targets.dtype not in (torch.int32, torch.int64):
+        targets = targets.to(torch.int64)
     # The kernels read targets with unit stride; a strided view (t[::2], expand, labels[:, -1:])
     # becomes a copy of N integers here.
     t1 = targets.reshape(-1).contiguous()

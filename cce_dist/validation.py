@@ -52,6 +52,9 @@ def check_inputs(
             f"e's last dim ({e.shape[-1]}) must equal c's dim 1 (D = {c.shape[1]}); "
             f"got e {tuple(e.shape)}, c {tuple(c.shape)}"
         )
+    if e.shape[-1] == 0:
+        raise ValueError(f"e and c must have a hidden size D > 0, got e {tuple(e.shape)}, "
+                         f"c {tuple(c.shape)}")
     if e.dtype not in FLOAT_DTYPES:
         raise TypeError(f"e must be bf16, fp16, fp32 or fp64, got {e.dtype}")
     if c.dtype != e.dtype:

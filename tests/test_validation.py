@@ -37,6 +37,7 @@ def no_kernels(monkeypatch):
         (lambda e, c, t: (e, c, t[:, None]), ValueError, "targets' shape"),
         (lambda e, c, t: (e, c, t.tolist()), TypeError, "targets must be a torch.Tensor"),
         (lambda e, c, t: (e, c.to("meta"), t), ValueError, "one device"),
+        (lambda e, c, t: (e[:, :0], c[:, :0], t), ValueError, "hidden size D > 0"),
     ],
 )
 def test_bad_tensors(good, no_kernels, mutate, exc, word):
@@ -90,6 +91,36 @@ def test_target_out_of_range_on_cpu(good, no_kernels, bad):
     t[2] = bad
     with pytest.raises(ValueError, match="targets must be in"):
         linear_cross_entropy(e, c, t)
+
+
+@pytest.mark.parametrize("dtype,v,target,ignored", [
+    (torch.uint8, 200, 156, False),   # -100 as uint8 is 156: a class here, not an ignore
+    (torch.uint8, 300, 100, False),   # 300 as uint8 is 44: 100 must not be out of range
+    (torch.int8, 200, 35, False),     # 200 as int8 is -56
+    (torch.int8, 200, -100, True),
+    (torch.int16, 40000, 30000, False),  # 40000 as int16 is negative
+])
+def test_narrow_integer_targets_mean_their_values(backend, dtype, v, target, ignored):
+    """Targets in uint8 / int8 / int16 give the loss and gradients of the same values in int64
+    (F.cross_entropy's meaning): no wrapped ignore_index silently dropping a class, no valid
+    target rejected against a wrapped vocabulary size; both functions."""
+    if backend == "triton" and v > 1000:
+        pytest.skip("the interpreter's chunks over 40000 rows are slow; the reference covers it")
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(3, 8, generator=g, requires_grad=True)
+    c = torch.randn(v, 8, generator=g, requires_grad=True)
+    wide = torch.tensor([target, 5, 7])
+    losses, grads = [], []
+    for t in (wide, wide.to(dtype)):
+        loss = linear_cross_entropy(e, c, t, reduction="none", backend=backend)
+        grads.append(torch.autograd.grad(loss.sum(), (e, c)))
+        losses.append(loss.detach())
+        lp, _ = cce_dist.linear_logprobs_entropy(e.detach(), c.detach(), t, backend=backend)
+        losses.append(lp)
+    assert torch.equal(losses[0], losses[2]) and torch.equal(losses[1], losses[3])
+    assert (losses[2][0] == 0) == ignored and (losses[3][0] == 0) == ignored
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_ignore_index_is_not_out_of_range(good):

@@ -21,16 +21,29 @@ from cce_dist.testing import make_inputs
 
 
 @triton.jit
+def _grouped(tile, num_m, num_n, GROUP: tl.constexpr):
+    """Tile index -> (token tile, vocabulary tile), GROUP token tiles per column sweep."""
+    per_group = GROUP * num_n
+    first_m = (tile // per_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    return first_m + (tile % per_group) % size, (tile % per_group) // size
+
+
+@triton.jit
+def _dl(acc, offs_m, offs_n, t_ptr, lse_ptr, scale_ptr, v0):
+    """The plain loss's dl of one fp32 logits tile (no options)."""
+    lse = tl.load(lse_ptr + offs_m)
+    s = tl.load(scale_ptr + offs_m)
+    t = tl.load(t_ptr + offs_m).to(tl.int32) - v0
+    hit = offs_n[None, :] == t[:, None]
+    return (tl.exp(acc - lse[:, None]) - hit.to(tl.float32)) * s[:, None]
+
+
+@triton.jit
 def _dl_gemm_ptr(e_ptr, c_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, N, VC, D, v0,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  EPILOGUE: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(N, BM), tl.cdiv(VC, BN)
-    per_group = GROUP * num_n
-    first_m = (pid // per_group) * GROUP
-    size = min(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % size
-    pid_n = (pid % per_group) // size
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -43,11 +56,7 @@ def _dl_gemm_ptr(e_ptr, c_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, N, VC, D, v0,
         b_ptrs += BK
     at = offs_m.to(tl.int64)[:, None] * VC + offs_n[None, :]
     if EPILOGUE:
-        lse = tl.load(lse_ptr + offs_m)
-        s = tl.load(scale_ptr + offs_m)
-        t = tl.load(t_ptr + offs_m).to(tl.int32) - v0
-        hit = offs_n[None, :] == t[:, None]
-        g = (tl.exp(acc - lse[:, None]) - hit.to(tl.float32)) * s[:, None]
+        g = _dl(acc, offs_m, offs_n, t_ptr, lse_ptr, scale_ptr, v0)
         tl.store(dl_ptr + at, g.to(dl_ptr.dtype.element_ty))
     else:
         tl.store(dl_ptr + at, acc.to(dl_ptr.dtype.element_ty))
@@ -57,13 +66,7 @@ def _dl_gemm_ptr(e_ptr, c_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, N, VC, D, v0,
 def _dl_gemm_tma(e_desc, c_desc, dl_desc, t_ptr, lse_ptr, scale_ptr, N, VC, D,
                  v0, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  EPILOGUE: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(N, BM), tl.cdiv(VC, BN)
-    per_group = GROUP * num_n
-    first_m = (pid // per_group) * GROUP
-    size = min(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % size
-    pid_n = (pid % per_group) // size
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     om, on = pid_m * BM, pid_n * BN
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, D, BK, num_stages=STAGES):
@@ -73,11 +76,7 @@ def _dl_gemm_tma(e_desc, c_desc, dl_desc, t_ptr, lse_ptr, scale_ptr, N, VC, D,
     offs_m = om + tl.arange(0, BM)
     offs_n = on + tl.arange(0, BN)
     if EPILOGUE:
-        lse = tl.load(lse_ptr + offs_m)
-        s = tl.load(scale_ptr + offs_m)
-        t = tl.load(t_ptr + offs_m).to(tl.int32) - v0
-        hit = offs_n[None, :] == t[:, None]
-        g = (tl.exp(acc - lse[:, None]) - hit.to(tl.float32)) * s[:, None]
+        g = _dl(acc, offs_m, offs_n, t_ptr, lse_ptr, scale_ptr, v0)
     else:
         g = acc
     dl_desc.store([om, on], g.to(dl_desc.dtype))
@@ -89,24 +88,16 @@ def _dl_gemm_tma_persistent(e_desc, c_desc, dl_desc, t_ptr, lse_ptr, scale_ptr, 
                             GROUP: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr,
                             WS: tl.constexpr):
     num_m, num_n = tl.cdiv(N, BM), tl.cdiv(VC, BN)
-    per_group = GROUP * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True,
                          warp_specialize=WS):
-        first_m = (tile // per_group) * GROUP
-        size = min(num_m - first_m, GROUP)
-        pid_m = first_m + (tile % per_group) % size
-        pid_n = (tile % per_group) // size
+        pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP)
         om, on = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, D, BK, num_stages=STAGES):
             acc = tl.dot(e_desc.load([om, k]), c_desc.load([v0 + on, k]).T, acc)
         offs_m = om + tl.arange(0, BM)
         offs_n = on + tl.arange(0, BN)
-        lse = tl.load(lse_ptr + offs_m)
-        s = tl.load(scale_ptr + offs_m)
-        t = tl.load(t_ptr + offs_m).to(tl.int32) - v0
-        hit = offs_n[None, :] == t[:, None]
-        g = (tl.exp(acc - lse[:, None]) - hit.to(tl.float32)) * s[:, None]
+        g = _dl(acc, offs_m, offs_n, t_ptr, lse_ptr, scale_ptr, v0)
         dl_desc.store([om, on], g.to(dl_desc.dtype))
 
 

@@ -45,7 +45,7 @@ from .tiles import (
     logits_grad,
     mma,
 )
-from .triton_backward import workspace_split, zero_gradients
+from .triton_backward import _entropy_term, workspace_split, zero_gradients
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -69,6 +69,7 @@ def probs_cap(dtype: torch.dtype, logit_scale: float = 1.0) -> float:
     (``_advance_reference_kernel``). A scale above 1 lowers the cap by its log."""
     return (10.0 if dtype == torch.float16 else 64.0) - math.log(max(1.0, logit_scale))
 
+
 @triton.jit
 def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, scale_ptr,
              ent_scale_ptr, mean_ptr, V, vocab_start, target_weight, uniform_weight, softcap,
@@ -90,10 +91,8 @@ def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, 
     # (otherwise it is rank one and added outside the kernels).
     p = tl.exp(logits - lse[:, None])
     g = (p - target_weight * hit.to(tl.float32) - uniform_weight) * scale[:, None]
-    if ENTROPY:  # d(entropy)/dz_j = -p_j (z_j - sum_k p_k z_k), weighed per token
-        ent = tl.load(ent_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
-        g += ent[:, None] * p * (logits - mean[:, None])
+    if ENTROPY:
+        g += _entropy_term(ent_scale_ptr, mean_ptr, offs_n, mask_n, mask, p, logits)
     g = logits_grad(g, logits, softcap, logit_scale, HAS_SOFTCAP, HAS_SCALE)
     return tl.where(mask, g, 0.0)
 
@@ -102,8 +101,9 @@ def _dlogits(raw, offs_n, offs_c, mask_n, mask_v, v0, t_ptr, bias_ptr, lse_ptr, 
 def _chunk_dlogits_kernel(
     logits_ptr, dl_ptr, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N, V, vc,
     v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
-    HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Grid: (token tiles, vocabulary tiles of the chunk). One program turns one tile of the
     chunk's fp32 logits ((N, vc) row-major) into that tile of dl ((N, vc), dl's dtype)."""
@@ -709,7 +709,8 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``triton_backward.backward`` for no filter or the budget filter, which
     skips nothing here: the products are dense, so zeroing the tiles it allows to skip would
-    save no work and only lose (bounded) accuracy; the gradients are exact. With ``bias``
+    save no work and only lose (bounded) accuracy; the gradients are exact (``tile_max`` and
+    ``vocab_size``, the filter's inputs, are taken for the shared contract). With ``bias``
     (V,), ``dbias`` (V,) fp32 receives its gradient. With ``dc_accum`` ((V, D) fp32), each
     chunk's ``dl.T @ E`` is added into it by cuBLAS in fp32, and an empty tensor stands for
     dC (the workspace then has storage of its own: there is no dC to lend it). Without

@@ -138,9 +138,12 @@ def main() -> None:
             print(f"# megatron-core not available: {err}")
     shard = {}  # this rank's [lo, hi) of the current shape, for the drop-in signatures
     try:  # DeepSpeed >= 0.19.8's fused loss (chunked cuBLAS), and ours under its signature
+        import deepspeed
         from deepspeed.sequence.linear_cross_entropy import (
             vocab_parallel_linear_cross_entropy as deepspeed_loss,
         )
+
+        deepspeed.init_distributed(dist_backend="nccl")  # its loss asks deepspeed.comm for sizes
 
         from cce_dist.deepspeed import vocab_parallel_linear_cross_entropy as dropin
 

@@ -245,48 +245,148 @@ def _chunk_pass_kernel(
         tl.store(resid_ptr + N + offs_n, ref, mask=has)
     if STATS:
         s = tl.where(mask_n, s, 1.0)
-        lse = m + tl.log(s)
         if MEAN_LOGIT:
             zsum = zsum / s  # the softmax-weighted mean logit over these columns
-        at = pid_s * N + offs_n
-        if first:
-            tl.store(lse_ptr + at, lse, mask=mask_n)
-            tl.store(tgt_ptr + at, tgt, mask=mask_n)
-            if SUM_LOGITS or MEAN_LOGIT:
-                tl.store(zsum_ptr + at, zsum, mask=mask_n)
-        else:
-            old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
-            top = tl.maximum(old, lse)
-            w_old, w_new = tl.exp(old - top), tl.exp(lse - top)
-            tl.store(lse_ptr + at, top + tl.log(w_old + w_new), mask=mask_n)
-            tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0),
+        _fold_split(lse_ptr, tgt_ptr, zsum_ptr, pid_s * N + offs_n, mask_n, m + tl.log(s), tgt,
+                    zsum, first, SUM_LOGITS, MEAN_LOGIT)
+
+
+@triton.jit
+def _fold_split(lse_ptr, tgt_ptr, zsum_ptr, at, mask_n, lse, tgt, zsum, first,
+                SUM_LOGITS: tl.constexpr, MEAN_LOGIT: tl.constexpr):
+    """Folds one column group's statistics of a chunk (LSE, target logit, and the sum of logits
+    or their softmax-weighted mean) into the running ones at ``at`` (one split's row), or
+    stores them there for the ``first`` chunk. Columns whose logits are all -inf (a bias
+    masking them) leave the running values as they are."""
+    if first:
+        tl.store(lse_ptr + at, lse, mask=mask_n)
+        tl.store(tgt_ptr + at, tgt, mask=mask_n)
+        if SUM_LOGITS or MEAN_LOGIT:
+            tl.store(zsum_ptr + at, zsum, mask=mask_n)
+    else:
+        old = tl.load(lse_ptr + at, mask=mask_n, other=0.0)
+        top = tl.maximum(old, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_old, w_new = tl.exp(old - top), tl.exp(lse - top)
+        tl.store(lse_ptr + at, top + tl.log(w_old + w_new), mask=mask_n)
+        tl.store(tgt_ptr + at, tgt + tl.load(tgt_ptr + at, mask=mask_n, other=0.0), mask=mask_n)
+        if SUM_LOGITS:
+            tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
                      mask=mask_n)
+        if MEAN_LOGIT:
+            prev = tl.load(zsum_ptr + at, mask=mask_n, other=0.0)
+            both = w_old + w_new
+            tl.store(zsum_ptr + at, tl.where(both > 0, (w_old * prev + w_new * zsum) / both, prev),
+                     mask=mask_n)
+
+
+@triton.jit
+def _chunk_stats_gemm_kernel(
+    e_desc, c_desc, p_desc, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr, ref_ptr,
+    resid_ptr, N, V, D, vc, v0, vocab_start, num_n_tiles, num_v_tiles, first, softcap,
+    logit_scale, cap,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    STAGES: tl.constexpr, TILE_N: tl.constexpr, TILE_V: tl.constexpr,
+    SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    MEAN_LOGIT: tl.constexpr, HAS_SCALE: tl.constexpr, STATS: tl.constexpr, PROBS: tl.constexpr,
+    ROUNDED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid: (programs,), persistent; the forward's counterpart of
+    ``_chunk_dlogits_gemm_kernel``. Each program walks tiles of ``BLOCK_M`` tokens x ``BLOCK_C``
+    rows of the chunk ``[v0, v0 + vc)``, multiplies ``e @ c.T`` from TMA loads into fp32 and,
+    from registers (the chunk's logits never reach memory):
+
+    * ``STATS``: folds the tile into split ``pid_c`` (its column tile) of the running statistics
+      ((splits, N): LSE, target logit, sum or mean of logits; :func:`_fold_split`) and raises
+      the maxima of the ``TILE_N`` x ``TILE_V`` tiles it covers;
+    * ``PROBS``: stores p (as ``_chunk_pass_kernel``, under the reference ``ref`` (N,)) through
+      ``p_desc`` ((N, vc), p's dtype), and with ``ROUNDED`` what rounding took from the target's
+      p (``resid`` (2, N)).
+
+    One exponential per logit serves both: ``exp(z - m)``, ``m`` the row's largest logit in
+    the tile; p is that times ``exp(min(m - ref, cap))``, equal to ``exp(z - ref)`` unless the
+    cap bites. There p is not clamped entry by entry, but the row is recomputed anyway
+    (``_advance_reference_kernel``, which subtracts what p held). Where ``exp(z - m)``
+    underflows, ``exp(z - lse)`` does too (the LSE is at least ``m``)."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_c = tl.cdiv(vc, BLOCK_C)
+    per_group = GROUP * num_c
+    SUB_M: tl.constexpr = BLOCK_M // TILE_N
+    SUB_C: tl.constexpr = BLOCK_C // TILE_V
+    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
+        first_m = (tile // per_group) * GROUP
+        rows = tl.minimum(num_m - first_m, GROUP)
+        pid_m = first_m + (tile % per_group) % rows
+        pid_c = (tile % per_group) // rows
+        om = pid_m * BLOCK_M
+        oc = pid_c * BLOCK_C
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for k in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+            acc = mma(e_desc.load([om, k]), c_desc.load([v0 + oc, k]).T, acc, PRECISION)
+        offs_n = om + tl.arange(0, BLOCK_M)
+        offs_c = oc + tl.arange(0, BLOCK_C)
+        mask_n = offs_n < N
+        mask_v = offs_c < vc
+        mask = mask_n[:, None] & mask_v[None, :]
+        logits = finish_logits(acc, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale,
+                               HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+        logits = tl.where(mask, logits, float("-inf"))
+        row_max = tl.max(logits, axis=1)
+        m = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows past N, masked columns
+        e_z = tl.exp(logits - m[:, None])
+        local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
+        hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
+        if STATS:
+            sub = tl.max(tl.reshape(logits, (SUB_M, TILE_N, BLOCK_C)), axis=1)
+            sub = tl.max(tl.reshape(sub, (SUB_M, SUB_C, TILE_V)), axis=2)
+            tile_n = om // TILE_N + tl.arange(0, SUB_M)
+            first_v = oc + tl.arange(0, SUB_C) * TILE_V
+            tl.atomic_max(tile_max_ptr + tile_n[:, None] * num_v_tiles
+                          + ((v0 + first_v) // TILE_V)[None, :], sub,
+                          mask=(tile_n < num_n_tiles)[:, None] & (first_v < vc)[None, :])
+            s = tl.sum(e_z, axis=1)
+            zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             if SUM_LOGITS:
-                tl.store(zsum_ptr + at, zsum + tl.load(zsum_ptr + at, mask=mask_n, other=0.0),
-                         mask=mask_n)
+                zsum = tl.sum(tl.where(mask, logits, 0.0), axis=1)
             if MEAN_LOGIT:
-                prev = tl.load(zsum_ptr + at, mask=mask_n, other=0.0)
-                tl.store(zsum_ptr + at, (w_old * prev + w_new * zsum) / (w_old + w_new),
-                         mask=mask_n)
+                zsum = tl.sum(e_z * tl.where(mask, logits, 0.0), axis=1)
+                zsum = tl.where(s > 0, zsum / s, 0.0)
+            tgt = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+            _fold_split(lse_ptr, tgt_ptr, zsum_ptr, pid_c * N + offs_n, mask_n, m + tl.log(s),
+                        tgt, zsum, first, SUM_LOGITS, MEAN_LOGIT)
+        if PROBS:
+            ref = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
+            g = logits_grad(e_z * tl.exp(tl.minimum(m - ref, cap))[:, None], logits, softcap,
+                            logit_scale, HAS_SOFTCAP, HAS_SCALE)
+            p = cast_out(tl.where(mask, g, 0.0), p_desc.dtype, PRECISION)
+            p_desc.store([om, oc], p)
+            if ROUNDED:
+                has = mask_n & (local_t >= v0 + oc) & (local_t < v0 + tl.minimum(oc + BLOCK_C, vc))
+                lost = tl.sum(tl.where(hit, g - p.to(tl.float32), 0.0), axis=1)
+                tl.store(resid_ptr + offs_n, lost, mask=has)
+                tl.store(resid_ptr + N + offs_n, ref, mask=has)
 
 
 @triton.jit
 def _advance_reference_kernel(
-    acc_ptr, ref_ptr, lse_ptr, logits_ptr, p_ptr, c_ptr, bias_ptr, t_ptr, resid_ptr,
-    N, D, V, vc, v0, vocab_start, stride_cv, stride_cd, splits, softcap, logit_scale, slack,
-    cap,
+    acc_ptr, ref_ptr, lse_ptr, logits_ptr, p_ptr, e_ptr, c_ptr, bias_ptr, t_ptr, resid_ptr,
+    N, D, V, vc, ld, v0, vocab_start, stride_en, stride_ed, stride_cv, stride_cd, splits,
+    softcap, logit_scale, slack, cap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, FIRST: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RECOMPUTE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid: (token blocks of BLOCK_N,). One program owns BLOCK_N tokens' rows of the dE
     accumulator ((N, D) fp32) after a chunk's product was added to it, and sets their
     reference ``ref`` (N,) for the next chunk: the running LSE ((splits, N), which bounds every
     logit seen so far) where it exceeds the old one by more than ``slack``, with the row of the
     accumulator rescaled by exp(old - new) (flash attention's online rescaling, done rarely).
-    Where it exceeds it by nearly ``cap``, the chunk's p may have been clamped
-    (``_chunk_pass_kernel``): the row's share of the chunk is recomputed from its fp32 logits
-    under the new reference, in fp32, minus what the 16-bit p held (the rare repair of a logit
-    far above every earlier chunk's). ``FIRST``: the first chunk's reference, before any p."""
+    Where it exceeds it by nearly ``cap``, the chunk's p may have been clamped: the row's share
+    of the chunk is recomputed under the new reference, in fp32, minus what the 16-bit p
+    ((N, vc), row stride ``ld``) held (the rare repair of a logit far above every earlier
+    chunk's). Its logits come from the chunk's fp32 logits ((N, vc)), or with ``RECOMPUTE``
+    (the fused forward, which keeps none) from ``e @ c.T`` again. ``FIRST``: the first chunk's
+    reference, before any p."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -308,35 +408,82 @@ def _advance_reference_kernel(
             factor = tl.where(raised, tl.exp(old - ref), 1.0)
             acc_rows = acc_ptr + offs_n.to(tl.int64)[:, None] * D
             fix = tl.max(repair.to(tl.int32), axis=0) > 0
-            row_at = offs_n.to(tl.int64)[:, None] * vc
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                mask = raised[:, None] & mask_d[None, :]
-                acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0) * factor[:, None]
-                if fix:
+            if RECOMPUTE:
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask = raised[:, None] & (offs_d < D)[None, :]
+                    acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0)
+                    tl.store(acc_rows + offs_d[None, :], acc * factor[:, None], mask=mask)
+                if fix:  # chunk by chunk of columns: their logits once, then into every column
+                    e_rows = e_ptr + offs_n.to(tl.int64)[:, None] * stride_en
                     for c0 in range(0, vc, BLOCK_V):
                         offs_c = c0 + tl.arange(0, BLOCK_V)
                         mask_v = offs_c < vc
-                        mask_z = repair[:, None] & mask_v[None, :]
-                        z = tl.load(logits_ptr + row_at + offs_c[None, :], mask=mask_z,
-                                    other=0.0)
-                        z = finish_logits(z, bias_ptr, v0 + offs_c, mask_v, softcap,
-                                          logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
-                        exact = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale,
-                                            HAS_SOFTCAP, HAS_SCALE)
-                        held = tl.load(p_ptr + row_at + offs_c[None, :], mask=mask_z,
-                                       other=0.0).to(tl.float32)
-                        x = tl.where(mask_z, exact - factor[:, None] * held, 0.0)
                         c_rows = c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
-                        c_blk = tl.load(c_rows + offs_d[None, :] * stride_cd,
-                                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-                        acc = tl.dot(x, c_blk.to(tl.float32), acc, input_precision="ieee")
-                tl.store(acc_rows + offs_d[None, :], acc, mask=mask)
+                        z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+                        for k0 in range(0, D, BLOCK_D):
+                            offs_k = k0 + tl.arange(0, BLOCK_D)
+                            mask_k = offs_k < D
+                            e_blk = tl.load(e_rows + offs_k[None, :] * stride_ed,
+                                            mask=repair[:, None] & mask_k[None, :], other=0.0)
+                            c_blk = tl.load(c_rows + offs_k[None, :] * stride_cd,
+                                            mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+                            z = mma(e_blk, c_blk.T, z, PRECISION)
+                        x = _repaired_share(z, p_ptr, offs_n, offs_c, repair, mask_v, ld, v0,
+                                            bias_ptr, ref, factor, softcap, logit_scale,
+                                            HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+                        for d0 in range(0, D, BLOCK_D):
+                            offs_d = d0 + tl.arange(0, BLOCK_D)
+                            mask_d = offs_d < D
+                            mask = repair[:, None] & mask_d[None, :]
+                            c_blk = tl.load(c_rows + offs_d[None, :] * stride_cd,
+                                            mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                            acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0)
+                            acc = tl.dot(x, c_blk.to(tl.float32), acc, input_precision="ieee")
+                            tl.store(acc_rows + offs_d[None, :], acc, mask=mask)
+            else:
+                row_at = offs_n.to(tl.int64)[:, None] * vc
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask_d = offs_d < D
+                    mask = raised[:, None] & mask_d[None, :]
+                    acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0)
+                    acc = acc * factor[:, None]
+                    if fix:
+                        for c0 in range(0, vc, BLOCK_V):
+                            offs_c = c0 + tl.arange(0, BLOCK_V)
+                            mask_v = offs_c < vc
+                            z = tl.load(logits_ptr + row_at + offs_c[None, :],
+                                        mask=repair[:, None] & mask_v[None, :], other=0.0)
+                            x = _repaired_share(z, p_ptr, offs_n, offs_c, repair, mask_v, ld,
+                                                v0, bias_ptr, ref, factor, softcap,
+                                                logit_scale, HAS_BIAS, HAS_SOFTCAP, HAS_SCALE)
+                            c_rows = c_ptr + (v0 + offs_c).to(tl.int64)[:, None] * stride_cv
+                            c_blk = tl.load(c_rows + offs_d[None, :] * stride_cd,
+                                            mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+                            acc = tl.dot(x, c_blk.to(tl.float32), acc, input_precision="ieee")
+                    tl.store(acc_rows + offs_d[None, :], acc, mask=mask)
             # The repaired share is exact in fp32: no rounding of the target's p to carry.
             local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
             inside = repair & (local_t >= v0) & (local_t < v0 + vc)
             tl.store(resid_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=inside)
+
+
+@triton.jit
+def _repaired_share(raw, p_ptr, offs_n, offs_c, repair, mask_v, ld, v0, bias_ptr, ref, factor,
+                    softcap, logit_scale, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    """What the rows to ``repair`` of one block of a chunk's columns add to the rescaled dE
+    accumulator: their exact p under the new reference ``ref``, from the fp32 products ``raw``,
+    minus what the 16-bit p ((N, vc), row stride ``ld``) held, rescaled by ``factor``."""
+    mask_z = repair[:, None] & mask_v[None, :]
+    z = finish_logits(raw, bias_ptr, v0 + offs_c, mask_v, softcap, logit_scale, HAS_BIAS,
+                      HAS_SOFTCAP, HAS_SCALE)
+    exact = logits_grad(tl.exp(z - ref[:, None]), z, softcap, logit_scale, HAS_SOFTCAP,
+                        HAS_SCALE)
+    held = tl.load(p_ptr + offs_n.to(tl.int64)[:, None] * ld + offs_c[None, :], mask=mask_z,
+                   other=0.0).to(tl.float32)
+    return tl.where(mask_z, exact - factor[:, None] * held, 0.0)
 
 
 @triton.jit
@@ -387,19 +534,33 @@ def supported(e: torch.Tensor) -> bool:
 def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
                   pointers: bool = True) -> bool:
     """Whether the backward computes each chunk's logits and dl in one kernel
-    (``_chunk_dlogits_gemm_kernel``): 16-bit inputs whose rows TMA can load (16-byte aligned
-    starts and strides, and a D whose fp32 rows keep the workspace's dl aligned after the dE
-    accumulator), on a GPU with TMA (Hopper or newer) and the shared memory of the kernel's
-    tiles, or the interpreter. Without ``pointers`` the starts are not looked at (under
-    torch.compile's tracing, which has none)."""
-    if not cfg.gemm_fused_dl or TensorDescriptor is None or e.dtype not in (
-            torch.bfloat16, torch.float16) or c.dtype != e.dtype:
+    (``_chunk_dlogits_gemm_kernel``): :func:`_tma_operands`, and a D whose fp32 rows keep the
+    workspace's dl aligned after the dE accumulator."""
+    return cfg.gemm_fused_dl and (e.shape[1] * 4) % 16 == 0 and _tma_operands(e, c, cfg,
+                                                                               pointers)
+
+
+def fused_forward(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig) -> bool:
+    """Whether the forward computes each chunk's logits with its statistics and p in one kernel
+    (``_chunk_stats_gemm_kernel``): :func:`_tma_operands`, with the kernel's tiles made of
+    whole tiles of the filter's grid."""
+    return (cfg.gemm_fused_fw and cfg.dl_block_m % cfg.block_n == 0
+            and cfg.dl_block_c % cfg.block_v == 0 and _tma_operands(e, c, cfg))
+
+
+def _tma_operands(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
+                  pointers: bool = True) -> bool:
+    """16-bit e and c whose rows TMA can load (16-byte aligned starts and strides), on a GPU
+    with TMA (Hopper or newer) and the shared memory of the fused kernels' tiles, or the
+    interpreter. Without ``pointers`` the starts are not looked at (under torch.compile's
+    tracing, which has none)."""
+    if TensorDescriptor is None or e.dtype not in (torch.bfloat16, torch.float16) or (
+            c.dtype != e.dtype):
         return False
     if e.is_cuda and not _tma_tiles_fit(e.device, cfg, e.element_size()):
         return False
-    return (e.shape[1] * 4) % 16 == 0 and all(
-        t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
-        and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
+    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+               and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
 
 
 def _tma_tiles_fit(device: torch.device, cfg: BlockConfig, itemsize: int) -> bool:
@@ -521,16 +682,19 @@ def forward(
                     torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device),
                     _no_residual(n, e.device))
         return out
-    chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de else cfg.gemm_fw_bytes,
+    fused = fused_forward(e, c, cfg)
+    # Fused, the chunks are the same with dE and without (the same statistics, bit for bit).
+    chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de or fused else cfg.gemm_fw_bytes,
                         cfg.gemm_fw_chunk_v, bv, v)
-    cols = max(bv, cfg.gemm_stats_cols // bv * bv)
+    # Running statistics per column group (a column tile of the fused kernel): the first chunk
+    # has the most groups.
+    cols = cfg.dl_block_c if fused else max(bv, cfg.gemm_stats_cols // bv * bv)
     stats_n = min(bn, cfg.gemm_stats_n)
-    # Running statistics per column group: the first chunk has the most groups.
     splits = triton.cdiv(min(chunk, v), cols)
     extra = sum_logits or mean_logit
     stats = torch.empty((3 if extra else 2, splits, n), dtype=torch.float32,
                         device=e.device)
-    buf = torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
+    buf = None if fused else torch.empty((n * chunk,), dtype=torch.float32, device=e.device)
     if with_de:
         acc = torch.empty(e.shape, dtype=torch.float32, device=e.device)
         ref = torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device)
@@ -538,43 +702,71 @@ def forward(
         p_buf = torch.empty((n * chunk,), dtype=e.dtype, device=e.device)
     else:
         acc = ref = resid = p_buf = None
+    flags = dict(SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
+                 MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
+                 ROUNDED=e.dtype != torch.float32, PRECISION=dot_precision(e.dtype))
+    scalars = (float(softcap), float(logit_scale), probs_cap(e.dtype, logit_scale))
+    if fused:
+        bm, bc, bk = cfg.dl_block_m, cfg.dl_block_c, cfg.dl_block_k
+        e_desc = TensorDescriptor.from_tensor(e, [bm, bk])
+        c_desc = TensorDescriptor.from_tensor(c, [bc, bk])
+        programs = _num_programs(e.device)
 
     def chunk_pass(logits, vc, v0, stats_on, p=None):
-        """The statistics (``stats_on``) and/or p (given ``p``) of one chunk, under ``ref``."""
+        """The statistics (``stats_on``) and/or p (given ``p``) of one chunk, under ``ref``;
+        fused: the chunk's logits are computed here (``logits`` is None)."""
+        first = int(v0 == 0)
+        outputs = (targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
+                   tile_max)
+        if fused:
+            p_desc = TensorDescriptor(p if p is not None else p_buf0, [n, vc], [chunk, 1],
+                                      [bm, bc])
+            _chunk_stats_gemm_kernel[(min(programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc)),)](
+                e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
+                resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
+                tile_max.shape[1], first, *scalars, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
+                GROUP=cfg.dl_group, STAGES=cfg.dl_stages, TILE_N=bn, TILE_V=bv, STATS=stats_on,
+                PROBS=p is not None, **flags, num_warps=cfg.dl_warps,
+            )
+            return
         _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
-            logits, targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
-            tile_max, logits if p is None else p, tile_max if p is None else ref,
-            resid if with_de else tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1],
-            int(v0 == 0), float(softcap), float(logit_scale), probs_cap(e.dtype, logit_scale),
-            BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, SUM_LOGITS=sum_logits, HAS_BIAS=bias is not None,
-            HAS_SOFTCAP=softcap > 0, MEAN_LOGIT=mean_logit, HAS_SCALE=logit_scale != 1.0,
-            STATS=stats_on, PROBS=p is not None, ROUNDED=e.dtype != torch.float32,
-            PRECISION=precision, num_warps=cfg.gemm_stats_warps,
+            logits, *outputs, logits if p is None else p, tile_max if p is None else ref,
+            resid if with_de else tile_max, n, v, vc, v0, vocab_start, tile_max.shape[1], first,
+            *scalars, BLOCK_N=stats_n, TILE_N=bn, BLOCK_V=bv, COLS=cols, STATS=stats_on,
+            PROBS=p is not None, **flags, num_warps=cfg.gemm_stats_warps,
         )
 
     def advance(logits, p, vc, v0, first):
         _advance_reference_kernel[(triton.cdiv(n, bn),)](
-            acc, ref, stats[0], logits, p, c, tile_max if bias is None else bias, targets, resid,
-            n, d, v, vc, v0, vocab_start, c.stride(0), c.stride(1), splits, float(softcap),
-            float(logit_scale), probs_slack(e.dtype),
+            acc, ref, stats[0], p if logits is None else logits, p, e, c,
+            tile_max if bias is None else bias, targets, resid, n, d, v, vc,
+            chunk if fused else vc, v0, vocab_start, e.stride(0), e.stride(1), c.stride(0),
+            c.stride(1), splits, float(softcap), float(logit_scale), probs_slack(e.dtype),
             probs_cap(e.dtype, logit_scale), BLOCK_N=bn,
             BLOCK_V=min(bv, 32) if e.is_cuda else bv, BLOCK_D=min(cfg.out_block_d, 128),
             FIRST=first, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-            HAS_SCALE=logit_scale != 1.0, num_warps=4,
+            HAS_SCALE=logit_scale != 1.0, RECOMPUTE=fused, PRECISION=flags["PRECISION"],
+            num_warps=4,
         )
 
-    precision = dot_precision(e.dtype)
     d = e.shape[1]
+    if fused:  # a placeholder for p where only the statistics are written
+        p_buf0 = p_buf if p_buf is not None else torch.empty((bm, 8), dtype=e.dtype,
+                                                             device=e.device)
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
-        logits = buf[: n * vc].view(n, vc)
-        _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
+        if fused:
+            logits = None
+        else:
+            logits = buf[: n * vc].view(n, vc)
+            _mm_fp32(e, c[v0:v0 + vc].t(), logits, accumulate=False)
         if not with_de:
             chunk_pass(logits, vc, v0, True)
             continue
         # One read of the logits makes the statistics and p under the reference of the chunks
-        # before; the first chunk, which has none, is read twice.
-        p = p_buf[: n * vc].view(n, vc)
+        # before; the first chunk, which has none, is read (fused: computed) twice. p's rows
+        # are ``chunk`` apart when fused (TMA needs 16-byte strides), else vc.
+        p = p_buf[: n * chunk].view(n, chunk)[:, :vc] if fused else p_buf[: n * vc].view(n, vc)
         if v0 == 0:
             chunk_pass(logits, vc, v0, True)
             advance(logits, p, vc, v0, True)

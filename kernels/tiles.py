@@ -45,7 +45,9 @@ class BlockConfig:
     newer, and the interpreter), the backward's logits and dl are one Triton kernel instead of a
     cuBLAS product and a pass over its fp32 result: persistent programs of ``dl_block_m`` x
     ``dl_block_c`` tiles, TMA loads of ``dl_block_k`` columns, ``dl_stages`` deep, grouped by
-    ``dl_group`` token tiles.
+    ``dl_group`` token tiles. With ``gemm_fused_fw``, the same tiles make the forward's logits
+    with their statistics and p in one kernel (no fp32 logits buffer; a forward without dE then
+    takes chunks of ``gemm_fw_chunk_v`` rows whatever N).
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -84,6 +86,7 @@ class BlockConfig:
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
     gemm_fused_dl: bool = True
+    gemm_fused_fw: bool = True
     dl_block_m: int = 128
     dl_block_c: int = 256
     dl_block_k: int = 64

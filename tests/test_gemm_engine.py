@@ -580,3 +580,70 @@ def test_inputs_tma_cannot_load_take_the_two_launch_path(layout):
         de, dc = gemm_engine.backward(e, c, t, lse, torch.ones(n), 0, None, None, CFG)
     _, ref_de, ref_dc = float64_reference(e0, c0, t, reduction="sum")
     assert rel_err(de, ref_de) < 1e-2 and rel_err(dc, ref_dc) < 1e-2
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"sum_logits": True, "bias": True},
+    {"mean_logit": True, "logit_scale": 1.7},
+    {"softcap": 6.0, "bias": True, "low_cap": True},
+])
+@pytest.mark.parametrize("with_de,dtype", [
+    (True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)])
+def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monkeypatch):
+    """The forward's fused kernel (logits, statistics and p in one persistent TMA kernel) and
+    the two-launch path (fp32 logits from a product, then the statistics kernel) agree on the
+    LSE, target logit, tile maxima (also against float64), sum or mean of logits and the
+    finished dE, on every option, a shard's slice of the vocabulary, several chunks with a
+    partial last one, and, with a low cap on p, rows repaired from recomputed logits; and the
+    fused path is the one that ran (no fp32 logits product)."""
+    if options.get("low_cap"):
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 1.5)
+    n, d, v, start = 45, 32, 200, 30
+    e, c, t = make_inputs("zipf", n, d, v + start, dtype=dtype, seed=21)
+    c = c[start:] * torch.linspace(0.5, 2.0, v)[:, None].to(dtype)  # maxima grow by chunk
+    t[::6] = -100
+    gen = torch.Generator().manual_seed(8)
+    bias = torch.randn(v, generator=gen).to(dtype) if options.get("bias") else None
+    kw = dict(sum_logits=options.get("sum_logits", False), softcap=options.get("softcap", 0.0),
+              bias=bias, mean_logit=options.get("mean_logit", False),
+              logit_scale=options.get("logit_scale", 1.0), with_de=with_de)
+    scale = torch.rand(n, generator=gen) * (t >= 0)
+    out = {}
+    for fused in (True, False):
+        cfg = replace(CFG, gemm_fused_fw=fused)
+        assert gemm_engine.fused_forward(e, c, cfg) == fused
+        with checked_memory(), mock.patch.object(
+                gemm_engine, "_mm_fp32", wraps=gemm_engine._mm_fp32) as products:
+            res = gemm_engine.forward(e, c, t, start, cfg, **kw)
+        assert any(call.args[0] is e for call in products.call_args_list) != fused
+        lse, tgt, tile_max, zsum = res[:4]
+        out[fused] = {"lse": lse, "tgt": tgt, "tile_max": tile_max, "zsum": zsum}
+        if with_de:
+            out[fused]["de"] = gemm_engine.finish_de(
+                *res[4:], lse, tgt, scale, t, c, start, cfg, torch.float32,
+                softcap=kw["softcap"], logit_scale=kw["logit_scale"])
+    for name, x in out[True].items():
+        if x.numel():
+            y = out[False][name]
+            assert torch.equal(torch.isinf(x), torch.isinf(y)), name
+            assert rel_err(x[x.isfinite()], y[y.isfinite()].double()) < 1e-5, name
+    z = (e.double() @ c.double().T) * kw["logit_scale"]
+    if bias is not None:
+        z = z + bias.double()
+    if kw["softcap"]:
+        z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+    bn, bv = CFG.block_n, CFG.block_v
+    want = torch.stack([torch.stack([z[i:i + bn, j:j + bv].max() for j in range(0, v, bv)])
+                        for i in range(0, n, bn)])
+    assert torch.allclose(out[True]["tile_max"].double(), want, rtol=1e-5, atol=1e-5)
+    assert rel_err(out[True]["lse"], torch.logsumexp(z, 1)) < 1e-6
+    if with_de:  # against float64: dE of this shard under its own LSE
+        local = (t - start).clamp(0, v - 1)
+        inside = (t >= start) & (t < start + v)
+        g = torch.softmax(z, 1) - inside[:, None] * torch.nn.functional.one_hot(local, v)
+        if kw["softcap"]:
+            g = g * (1 - (z / kw["softcap"]) ** 2)
+        g = g * kw["logit_scale"] * scale.double()[:, None]
+        assert rel_err(out[True]["de"], g @ c.double()) < 1e-2

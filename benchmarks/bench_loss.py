@@ -64,6 +64,19 @@ def methods(selected: set[str]) -> dict:
     two_launch.context = lambda: mock.patch.object(
         tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm_fused_dl=False))
     out["cce-dist two-launch dl"] = two_launch
+    # The forward's logits from cuBLAS (fp32) and its statistics and p from a second kernel
+    # (the engine before the fused forward kernel).
+    two_launch_fw = (lambda e, c, t: linear_cross_entropy(e, c, t))
+    two_launch_fw.context = lambda: mock.patch.object(
+        tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm_fused_fw=False))
+    out["cce-dist two-launch fw"] = two_launch_fw
+    # The fused forward with chunks twice as tall (its p buffer then holds what the fp32 logits
+    # of the two-launch path did).
+    tall = (lambda e, c, t: linear_cross_entropy(e, c, t))
+    tall.context = lambda: mock.patch.object(tiles, "GPU_CONFIG", dataclasses.replace(
+        tiles.GPU_CONFIG, gemm_de_fw_bytes=2 * tiles.GPU_CONFIG.gemm_de_fw_bytes,
+        gemm_fw_chunk_v=2 * tiles.GPU_CONFIG.gemm_fw_chunk_v))
+    out["cce-dist fw chunks x2"] = tall
     if want("apple CCE"):
         try:
             from cut_cross_entropy import linear_cross_entropy as apple
@@ -123,9 +136,13 @@ def _measure(fn, e, c, t, ref) -> dict:
     del loss, de, dc
     fw_ms = triton.testing.do_bench(lambda: fn(e, c, t), warmup=100, rep=500,
                                     return_mode="median")
+    with torch.no_grad():  # the forward alone (evaluation): no dE made on the way
+        fw_nograd_ms = triton.testing.do_bench(lambda: fn(e, c, t), warmup=100, rep=500,
+                                               return_mode="median")
     fwbw_ms = triton.testing.do_bench(fw_bw, warmup=100, rep=500, return_mode="median")
     peak_mb = peak_extra_mb(fw_bw)
-    return {"fw_ms": fw_ms, "fwbw_ms": fwbw_ms, "peak_mb": peak_mb, **errs}
+    return {"fw_ms": fw_ms, "fw_nograd_ms": fw_nograd_ms, "fwbw_ms": fwbw_ms,
+            "peak_mb": peak_mb, **errs}
 
 
 def main() -> None:
@@ -137,7 +154,7 @@ def main() -> None:
     args = p.parse_args()
     fns = methods(set(args.methods.split(",")) if args.methods else set())
     rows = []
-    print(f"{'N,D,V':>18} {'regime':>7} {'method':>15} {'fw ms':>7} {'fw+bw':>7} "
+    print(f"{'N,D,V':>18} {'regime':>7} {'method':>15} {'fw ms':>7} {'no-grad':>7} {'fw+bw':>7} "
           f"{'peak MB':>8} {'loss err':>9} {'dE err':>8} {'dC err':>8} {'grads MB':>8}")
     for shape in args.shapes.split(","):
         n, d, v = map(int, shape.split("x"))
@@ -160,7 +177,7 @@ def main() -> None:
                          maxprob=maxprob)
                 rows.append(r)
                 print(f"{shape:>18} {regime:>7} {name:>15} {r['fw_ms']:7.2f} "
-                      f"{r['fwbw_ms']:7.2f} {r['peak_mb']:8.0f} {r['loss_err']:9.1e} "
+                      f"{r['fw_nograd_ms']:7.2f} {r['fwbw_ms']:7.2f} {r['peak_mb']:8.0f} {r['loss_err']:9.1e} "
                       f"{r['de_err']:8.1e} {r['dc_err']:8.1e} {grads_mb:8.0f}", flush=True)
             del e, c, t, ref
             torch.cuda.empty_cache()

@@ -337,13 +337,15 @@ def _chunk_stats_gemm_kernel(
         local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
         hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
         if STATS:
-            sub = tl.max(tl.reshape(logits, (SUB_M, TILE_N, BLOCK_C)), axis=1)
-            sub = tl.max(tl.reshape(sub, (SUB_M, SUB_C, TILE_V)), axis=2)
+            # Reductions in the product's own layout (a 3-D reshape of the tile would pass it
+            # through shared memory, which the pipelined loads fill).
             tile_n = om // TILE_N + tl.arange(0, SUB_M)
-            first_v = oc + tl.arange(0, SUB_C) * TILE_V
-            tl.atomic_max(tile_max_ptr + tile_n[:, None] * num_v_tiles
-                          + ((v0 + first_v) // TILE_V)[None, :], sub,
-                          mask=(tile_n < num_n_tiles)[:, None] & (first_v < vc)[None, :])
+            for j in tl.static_range(SUB_C):
+                in_j = (offs_c >= oc + j * TILE_V) & (offs_c < oc + (j + 1) * TILE_V)
+                rows_max = tl.max(tl.where(in_j[None, :], logits, float("-inf")), axis=1)
+                sub = tl.max(tl.reshape(rows_max, (SUB_M, TILE_N)), axis=1)
+                tl.atomic_max(tile_max_ptr + tile_n * num_v_tiles + (v0 + oc) // TILE_V + j, sub,
+                              mask=(tile_n < num_n_tiles) & (tile_n * 0 + oc + j * TILE_V < vc))
             s = tl.sum(e_z, axis=1)
             zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             if SUM_LOGITS:

@@ -184,6 +184,51 @@ def test_fused_dlogits_kernel_on_the_gpu(v, d, dtype):
     assert rel_err(dbias, want_db) < 1e-2 and rel_err(accum, want_dc) < 1e-2
 
 
+@pytest.mark.parametrize("v,d,dtype,low_cap", [(32000, 1024, torch.bfloat16, False),
+                                               (50257, 768, torch.bfloat16, True),
+                                               (20011, 512, torch.float16, False)])
+def test_fused_forward_kernel_on_the_gpu(v, d, dtype, low_cap, monkeypatch):
+    """The forward's persistent TMA kernel (logits, statistics and p in one launch) against the
+    two-launch path (cuBLAS fp32 logits, then the statistics kernel), compiled, over several
+    chunks whose last one is not a multiple of 8 rows: LSE, target logit, tile maxima, the
+    softmax-weighted mean or the sum of logits, and dE made in the forward, with a bias and a
+    softcap or a logit scale; with a low cap on p, rows repaired from recomputed logits; dE
+    and the LSE against float64 too."""
+    from dataclasses import replace
+
+    from cce_dist.kernels import gemm_engine, tiles
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or newer")
+    if low_cap:
+        monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
+        monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 4.0)
+    n = 3000
+    e, c, t = make_inputs("lm", n, d, v, device="cuda", seed=6, dtype=dtype)
+    t[::11] = -100
+    bias = torch.randn(v, device="cuda") * 0.5
+    cfg = replace(tiles.GPU_CONFIG, gemm_de_fw_bytes=16 << 20)
+    scale = (t >= 0).float()
+    got = {}
+    for fused in (True, False):
+        run = replace(cfg, gemm_fused_fw=fused)
+        assert gemm_engine.fused_forward(e, c, run) == fused
+        res = gemm_engine.forward(e, c, t, 0, run, softcap=30.0, bias=bias, mean_logit=True,
+                                  with_de=True)
+        de = gemm_engine.finish_de(*res[4:], res[0], res[1], scale, t, c, 0, run, torch.float32,
+                                   softcap=30.0)
+        plain = gemm_engine.forward(e, c, t, 0, run, sum_logits=True, logit_scale=1.3)
+        got[fused] = (*res[:4], de, *plain)
+    for i, (x, y) in enumerate(zip(got[True], got[False])):
+        assert rel_err(x, y.double()) < 1e-5, i
+    e64, c64 = e.double().requires_grad_(), c.double()
+    z = 30.0 * torch.tanh((e64 @ c64.T + bias.double()) / 30.0)
+    want = F.cross_entropy(z, t, reduction="sum")
+    (want_de,) = torch.autograd.grad(want, (e64,))
+    assert rel_err(got[True][0], torch.logsumexp(z.detach(), 1)) < 1e-5
+    assert rel_err(got[True][4], want_de) < 1e-2
+
+
 def _leaves(e, c):
     return e.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
 

@@ -283,8 +283,8 @@ def _fold_split(lse_ptr, tgt_ptr, zsum_ptr, at, mask_n, lse, tgt, zsum, first,
 @triton.jit
 def _chunk_stats_gemm_kernel(
     e_desc, c_desc, p_desc, t_ptr, bias_ptr, lse_ptr, tgt_ptr, zsum_ptr, tile_max_ptr, ref_ptr,
-    resid_ptr, N, V, D, vc, v0, vocab_start, num_n_tiles, num_v_tiles, first, softcap,
-    logit_scale, cap,
+    resid_ptr, N, V, D, vc, v0, vocab_start, num_n_tiles, num_v_tiles, softcap, logit_scale,
+    cap, FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     STAGES: tl.constexpr, TILE_N: tl.constexpr, TILE_V: tl.constexpr,
     SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -355,7 +355,7 @@ def _chunk_stats_gemm_kernel(
                 zsum = tl.where(s > 0, zsum / s, 0.0)
             tgt = tl.sum(tl.where(hit, logits, 0.0), axis=1)
             _fold_split(lse_ptr, tgt_ptr, zsum_ptr, pid_c * N + offs_n, mask_n, m + tl.log(s),
-                        tgt, zsum, first, SUM_LOGITS, MEAN_LOGIT)
+                        tgt, zsum, FIRST, SUM_LOGITS, MEAN_LOGIT)
         if PROBS:
             ref = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
             g = logits_grad(e_z * tl.exp(tl.minimum(m - ref, cap))[:, None], logits, softcap,
@@ -726,7 +726,7 @@ def forward(
             _chunk_stats_gemm_kernel[(min(programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc)),)](
                 e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
                 resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
-                tile_max.shape[1], first, *scalars, BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
+                tile_max.shape[1], *scalars, FIRST=bool(first), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
                 GROUP=cfg.dl_group, STAGES=cfg.dl_stages, TILE_N=bn, TILE_V=bv, STATS=stats_on,
                 PROBS=p is not None, **flags, num_warps=cfg.dl_warps,
             )

@@ -64,19 +64,18 @@ def methods(selected: set[str]) -> dict:
     two_launch.context = lambda: mock.patch.object(
         tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm_fused_dl=False))
     out["cce-dist two-launch dl"] = two_launch
-    # The forward's logits from cuBLAS (fp32) and its statistics and p from a second kernel
-    # (the engine before the fused forward kernel).
-    two_launch_fw = (lambda e, c, t: linear_cross_entropy(e, c, t))
-    two_launch_fw.context = lambda: mock.patch.object(
-        tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, gemm_fused_fw=False))
-    out["cce-dist two-launch fw"] = two_launch_fw
-    # The fused forward with chunks twice as tall (its p buffer then holds what the fp32 logits
-    # of the two-launch path did).
-    tall = (lambda e, c, t: linear_cross_entropy(e, c, t))
-    tall.context = lambda: mock.patch.object(tiles, "GPU_CONFIG", dataclasses.replace(
-        tiles.GPU_CONFIG, gemm_de_fw_bytes=2 * tiles.GPU_CONFIG.gemm_de_fw_bytes,
-        gemm_fw_chunk_v=2 * tiles.GPU_CONFIG.gemm_fw_chunk_v))
-    out["cce-dist fw chunks x2"] = tall
+    # The forward's logits from cuBLAS (fp32) and its statistics (and p) from a second kernel,
+    # and the fused forward's tile shapes.
+    for name, changes in (
+            ("two-launch fw", dict(gemm_fused_fw="never")),
+            ("fused fw stats only", dict(gemm_fused_fw="stats")),
+            ("fused fw 128x128 s3", dict(gemm_fused_fw="always", fw_fused_stages=3)),
+            ("fused fw 128x256 s3", dict(gemm_fused_fw="always", fw_fused_block_c=256,
+                                         fw_fused_stages=3))):
+        fn = (lambda e, c, t: linear_cross_entropy(e, c, t))
+        fn.context = (lambda changes=changes: mock.patch.object(
+            tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, **changes)))
+        out[f"cce-dist {name}"] = fn
     if want("apple CCE"):
         try:
             from cut_cross_entropy import linear_cross_entropy as apple

@@ -542,12 +542,14 @@ def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
                                                                                pointers)
 
 
-def fused_forward(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig) -> bool:
-    """Whether the forward computes each chunk's logits with its statistics and p in one kernel
-    (``_chunk_stats_gemm_kernel``): :func:`_tma_operands`, with the kernel's tiles made of
+def fused_forward(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig, with_de: bool) -> bool:
+    """Whether the forward (``with_de``: the one that makes dE) computes each chunk's logits
+    with their statistics and p in one kernel (``_chunk_stats_gemm_kernel``): as
+    ``cfg.gemm_fused_fw`` says, on :func:`_tma_operands`, with the kernel's tiles made of
     whole tiles of the filter's grid."""
-    return (cfg.gemm_fused_fw and cfg.dl_block_m % cfg.block_n == 0
-            and cfg.dl_block_c % cfg.block_v == 0 and _tma_operands(e, c, cfg))
+    wanted = cfg.gemm_fused_fw == "always" or (cfg.gemm_fused_fw == "stats" and not with_de)
+    return (wanted and cfg.dl_block_m % cfg.block_n == 0
+            and cfg.fw_fused_block_c % cfg.block_v == 0 and _tma_operands(e, c, cfg))
 
 
 def _tma_operands(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
@@ -566,12 +568,13 @@ def _tma_operands(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
 
 
 def _tma_tiles_fit(device: torch.device, cfg: BlockConfig, itemsize: int) -> bool:
-    """TMA (compute capability >= 9) and shared memory for the fused kernel's pipelined
-    operand tiles and its output tile (consumer Blackwell has about 99 KB, not 227)."""
+    """TMA (compute capability >= 9) and shared memory for the fused kernels' pipelined
+    operand tiles and their output tile (consumer Blackwell has about 99 KB, not 227)."""
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
-    need = itemsize * (cfg.dl_stages * (cfg.dl_block_m + cfg.dl_block_c) * cfg.dl_block_k
-                       + cfg.dl_block_m * cfg.dl_block_c)
+    bm, bk = cfg.dl_block_m, cfg.dl_block_k
+    need = itemsize * max(stages * (bm + bc) * bk + bm * bc for stages, bc in (
+        (cfg.dl_stages, cfg.dl_block_c), (cfg.fw_fused_stages, cfg.fw_fused_block_c)))
     have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
                    None)
     if have is None:  # an older torch: ask triton's driver
@@ -684,13 +687,13 @@ def forward(
                     torch.full((n,), float("-inf"), dtype=torch.float32, device=e.device),
                     _no_residual(n, e.device))
         return out
-    fused = fused_forward(e, c, cfg)
+    fused = fused_forward(e, c, cfg, with_de)
     # Fused, the chunks are the same with dE and without (the same statistics, bit for bit).
     chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de or fused else cfg.gemm_fw_bytes,
                         cfg.gemm_fw_chunk_v, bv, v)
     # Running statistics per column group (a column tile of the fused kernel): the first chunk
     # has the most groups.
-    cols = cfg.dl_block_c if fused else max(bv, cfg.gemm_stats_cols // bv * bv)
+    cols = cfg.fw_fused_block_c if fused else max(bv, cfg.gemm_stats_cols // bv * bv)
     stats_n = min(bn, cfg.gemm_stats_n)
     splits = triton.cdiv(min(chunk, v), cols)
     extra = sum_logits or mean_logit
@@ -709,7 +712,7 @@ def forward(
                  ROUNDED=e.dtype != torch.float32, PRECISION=dot_precision(e.dtype))
     scalars = (float(softcap), float(logit_scale), probs_cap(e.dtype, logit_scale))
     if fused:
-        bm, bc, bk = cfg.dl_block_m, cfg.dl_block_c, cfg.dl_block_k
+        bm, bc, bk = cfg.dl_block_m, cfg.fw_fused_block_c, cfg.dl_block_k
         e_desc = TensorDescriptor.from_tensor(e, [bm, bk])
         c_desc = TensorDescriptor.from_tensor(c, [bc, bk])
         programs = _num_programs(e.device)
@@ -727,8 +730,8 @@ def forward(
                 e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
                 resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
                 tile_max.shape[1], *scalars, FIRST=bool(first), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
-                GROUP=cfg.dl_group, STAGES=cfg.dl_stages, TILE_N=bn, TILE_V=bv, STATS=stats_on,
-                PROBS=p is not None, **flags, num_warps=cfg.dl_warps,
+                GROUP=cfg.dl_group, STAGES=cfg.fw_fused_stages, TILE_N=bn, TILE_V=bv,
+                STATS=stats_on, PROBS=p is not None, **flags, num_warps=cfg.fw_fused_warps,
             )
             return
         _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](

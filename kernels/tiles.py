@@ -45,9 +45,11 @@ class BlockConfig:
     newer, and the interpreter), the backward's logits and dl are one Triton kernel instead of a
     cuBLAS product and a pass over its fp32 result: persistent programs of ``dl_block_m`` x
     ``dl_block_c`` tiles, TMA loads of ``dl_block_k`` columns, ``dl_stages`` deep, grouped by
-    ``dl_group`` token tiles. With ``gemm_fused_fw``, the same tiles make the forward's logits
-    with their statistics and p in one kernel (no fp32 logits buffer; a forward without dE then
-    takes chunks of ``gemm_fw_chunk_v`` rows whatever N).
+    ``dl_group`` token tiles. ``gemm_fused_fw`` ("always", "stats": only the forward that makes
+    no dE, or "never"): the forward's logits with their statistics (and p) in one such kernel,
+    with no fp32 logits buffer, on tiles ``dl_block_m`` x ``fw_fused_block_c`` (narrower than
+    the backward's: its epilogue holds more per logit, and 128 x 256 spilled registers),
+    ``fw_fused_stages`` deep, with ``fw_fused_warps`` warps.
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -86,7 +88,10 @@ class BlockConfig:
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
     gemm_fused_dl: bool = True
-    gemm_fused_fw: bool = True
+    gemm_fused_fw: str = "always"
+    fw_fused_block_c: int = 128
+    fw_fused_stages: int = 4
+    fw_fused_warps: int = 8
     dl_block_m: int = 128
     dl_block_c: int = 256
     dl_block_k: int = 64
@@ -118,6 +123,7 @@ INTERPRETER_CONFIG = BlockConfig(
     fw_num_warps=1, fw_num_stages=1, gemm_fw_chunk_v=48, gemm_chunk_v=48, gemm_stats_n=8,
     gemm_stats_cols=32, gemm_stats_warps=1, gemm_num_warps=1, gemm_de_in_forward="always",
     dl_block_m=16, dl_block_c=32, dl_block_k=16, dl_stages=1, dl_warps=1, dl_group=2,
+    fw_fused_block_c=32, fw_fused_stages=1, fw_fused_warps=1,
 )
 
 

@@ -612,8 +612,8 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
     scale = torch.rand(n, generator=gen) * (t >= 0)
     out = {}
     for fused in (True, False):
-        cfg = replace(CFG, gemm_fused_fw=fused)
-        assert gemm_engine.fused_forward(e, c, cfg) == fused
+        cfg = replace(CFG, gemm_fused_fw="always" if fused else "never")
+        assert gemm_engine.fused_forward(e, c, cfg, with_de) == fused
         with checked_memory(), mock.patch.object(
                 gemm_engine, "_mm_fp32", wraps=gemm_engine._mm_fp32) as products:
             res = gemm_engine.forward(e, c, t, start, cfg, **kw)
@@ -647,3 +647,16 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
             g = g * (1 - (z / kw["softcap"]) ** 2)
         g = g * kw["logit_scale"] * scale.double()[:, None]
         assert rel_err(out[True]["de"], g @ c.double()) < 1e-2
+
+
+def test_fused_forward_modes():
+    """gemm_fused_fw: "always", "stats" (only the forward without dE) or "never"; 16-bit
+    operands TMA can load only."""
+    e, c, _ = make_inputs("lm", 8, 16, 64, dtype=torch.bfloat16, seed=1)
+    for mode, want in (("always", (True, True)), ("stats", (True, False)),
+                       ("never", (False, False))):
+        cfg = replace(CFG, gemm_fused_fw=mode)
+        assert (gemm_engine.fused_forward(e, c, cfg, False),
+                gemm_engine.fused_forward(e, c, cfg, True)) == want, mode
+    assert not gemm_engine.fused_forward(e.float(), c.float(), CFG, False)
+    assert not gemm_engine.fused_forward(e, c[:, 1:], CFG, False)  # a start off 16 bytes

@@ -211,16 +211,21 @@ def test_fused_forward_kernel_on_the_gpu(v, d, dtype, low_cap, monkeypatch):
     scale = (t >= 0).float()
     got = {}
     for fused in (True, False):
-        run = replace(cfg, gemm_fused_fw=fused)
-        assert gemm_engine.fused_forward(e, c, run) == fused
+        run = replace(cfg, gemm_fused_fw="always" if fused else "never")
+        assert gemm_engine.fused_forward(e, c, run, True) == fused
         res = gemm_engine.forward(e, c, t, 0, run, softcap=30.0, bias=bias, mean_logit=True,
                                   with_de=True)
         de = gemm_engine.finish_de(*res[4:], res[0], res[1], scale, t, c, 0, run, torch.float32,
                                    softcap=30.0)
         plain = gemm_engine.forward(e, c, t, 0, run, sum_logits=True, logit_scale=1.3)
         got[fused] = (*res[:4], de, *plain)
-    for i, (x, y) in enumerate(zip(got[True], got[False])):
-        assert rel_err(x, y.double()) < 1e-5, i
+    # The two paths sum the products in different orders: statistics agree to fp32's
+    # rounding, the sums of logits to their cancellation, dE to p's 16-bit rounding.
+    names = ("lse", "target", "tile_max", "mean", "dE", "lse", "target", "tile_max", "sum")
+    tols = (1e-5, 1e-5, 1e-5, 1e-4, 2e-3, 1e-5, 1e-5, 1e-5, 1e-4)
+    errs = {f"{i}:{name}": rel_err(x, y.double())
+            for i, (name, x, y) in enumerate(zip(names, got[True], got[False]))}
+    assert all(err < tol for err, tol in zip(errs.values(), tols)), errs
     e64, c64 = e.double().requires_grad_(), c.double()
     z = 30.0 * torch.tanh((e64 @ c64.T + bias.double()) / 30.0)
     want = F.cross_entropy(z, t, reduction="sum")

@@ -47,9 +47,11 @@ class BlockConfig:
     ``dl_block_c`` tiles, TMA loads of ``dl_block_k`` columns, ``dl_stages`` deep, grouped by
     ``dl_group`` token tiles. ``gemm_fused_fw`` ("always", "stats": only the forward that makes
     no dE, or "never"): the forward's logits with their statistics (and p) in one such kernel,
-    with no fp32 logits buffer, on tiles ``dl_block_m`` x ``fw_fused_block_c`` (narrower than
-    the backward's: its epilogue holds more per logit, and 128 x 256 spilled registers),
-    ``fw_fused_stages`` deep, with ``fw_fused_warps`` warps.
+    with no fp32 logits buffer, on tiles ``dl_block_m`` x ``fw_fused_block_c``,
+    ``fw_fused_stages`` deep, with ``fw_fused_warps`` warps. Measured on an H200
+    (BENCHMARKS.md): equal or faster than cuBLAS plus the statistics kernel for the forward
+    alone, slower where the forward also makes dE (its epilogue spills registers at 128 x 256,
+    and 128 x 128 tiles multiply slower), hence "stats".
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.
@@ -88,9 +90,9 @@ class BlockConfig:
     gemm_de_in_forward: str = "lent"
     gemm_num_warps: int = 8
     gemm_fused_dl: bool = True
-    gemm_fused_fw: str = "always"
-    fw_fused_block_c: int = 128
-    fw_fused_stages: int = 4
+    gemm_fused_fw: str = "stats"
+    fw_fused_block_c: int = 256
+    fw_fused_stages: int = 3
     fw_fused_warps: int = 8
     dl_block_m: int = 128
     dl_block_c: int = 256

@@ -337,7 +337,9 @@ def test_the_loss_makes_de_in_its_forward(reduction, options, monkeypatch):
     assert finished == [] and skipped == [False, False]
     got = grads(True)
     assert finished == [1] and skipped == [False, False, True, False]  # the second: as before
-    assert torch.equal(got[0], want[0])
+    # The forward without dE may run the fused statistics kernel (gemm_fused_fw="stats"),
+    # which sums the products in another order.
+    assert rel_err(got[0], want[0].double()) < 1e-6
     assert rel_err(got[1], want[1].double()) < 1e-2 and rel_err(got[2], want[2].double()) < 4e-3
     if options:
         return

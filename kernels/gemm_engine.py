@@ -8,7 +8,9 @@ logits of the chunk into a small buffer, then runs one memory-bound Triton kerne
 * forward: ``_chunk_pass_kernel`` folds the chunk into each token's running LSE, target logit
   (and sum of logits), and records the chunk's tile maxima (the filter's bounds); when the
   forward also makes dE, the same read writes the chunk's unnormalized probabilities for cuBLAS
-  to add ``p @ C[chunk]`` into an fp32 accumulator;
+  to add ``p @ C[chunk]`` into an fp32 accumulator. For 16-bit inputs on Hopper or newer, the
+  forward that makes no dE computes each chunk's logits and statistics in one persistent kernel
+  (``_chunk_stats_gemm_kernel``), with no logits buffer (``gemm_fused_fw``);
 * backward: ``_chunk_dlogits_kernel`` turns the chunk into ``dl = (softmax - w * onehot) * scale``
   in the input dtype; then cuBLAS adds ``dl @ C[chunk]`` into an fp32 dE accumulator and writes
   ``dC[chunk] = dl.T @ E``. For 16-bit inputs on Hopper or newer, one persistent Triton kernel
@@ -16,12 +18,12 @@ logits of the chunk into a small buffer, then runs one memory-bound Triton kerne
   which is faster than cuBLAS's product plus a pass over its fp32 result, and keeps only dl in
   the workspace. The budget filter skips nothing here (the products are dense).
 
-The N x V logits never exist: the forward holds ``n x fw_chunk`` fp32 logits at a time, the
+The N x V logits never exist: the forward holds at most ``n x fw_chunk`` fp32 logits, the
 backward ``n x chunk`` fp32 logits and dl, which live (with the fp32 dE accumulator) in the
 storage of dC's last rows whenever V is large enough (see ``triton_backward.workspace_split``),
 so the backward's peak is the gradients themselves. The products skip no work: the per-entry
 filter, whose point is to skip tiles, runs on the fused tile kernels of ``triton_forward`` /
-``triton_backward`` instead. No host synchronization and no atomics.
+``triton_backward`` instead. No host synchronization; the only atomics raise tile maxima.
 """
 
 from __future__ import annotations
@@ -246,7 +248,7 @@ def _chunk_pass_kernel(
     if STATS:
         s = tl.where(mask_n, s, 1.0)
         if MEAN_LOGIT:
-            zsum = zsum / s  # the softmax-weighted mean logit over these columns
+            zsum = tl.where(s > 0, zsum / s, 0.0)  # softmax-weighted mean over these columns
         _fold_split(lse_ptr, tgt_ptr, zsum_ptr, pid_s * N + offs_n, mask_n, m + tl.log(s), tgt,
                     zsum, first, SUM_LOGITS, MEAN_LOGIT)
 
@@ -416,6 +418,7 @@ def _advance_reference_kernel(
                     mask = raised[:, None] & (offs_d < D)[None, :]
                     acc = tl.load(acc_rows + offs_d[None, :], mask=mask, other=0.0)
                     tl.store(acc_rows + offs_d[None, :], acc * factor[:, None], mask=mask)
+                tl.debug_barrier()  # the repair below reads these rows in another layout
                 if fix:  # chunk by chunk of columns: their logits once, then into every column
                     e_rows = e_ptr + offs_n.to(tl.int64)[:, None] * stride_en
                     for c0 in range(0, vc, BLOCK_V):
@@ -538,8 +541,8 @@ def fused_dlogits(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
     """Whether the backward computes each chunk's logits and dl in one kernel
     (``_chunk_dlogits_gemm_kernel``): :func:`_tma_operands`, and a D whose fp32 rows keep the
     workspace's dl aligned after the dE accumulator."""
-    return cfg.gemm_fused_dl and (e.shape[1] * 4) % 16 == 0 and _tma_operands(e, c, cfg,
-                                                                               pointers)
+    return cfg.gemm_fused_dl and (e.shape[1] * 4) % 16 == 0 and _tma_operands(
+        e, c, cfg, (cfg.dl_stages, cfg.dl_block_c), pointers)
 
 
 def fused_forward(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig, with_de: bool) -> bool:
@@ -549,32 +552,34 @@ def fused_forward(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig, with_de: b
     whole tiles of the filter's grid."""
     wanted = cfg.gemm_fused_fw == "always" or (cfg.gemm_fused_fw == "stats" and not with_de)
     return (wanted and cfg.dl_block_m % cfg.block_n == 0
-            and cfg.fw_fused_block_c % cfg.block_v == 0 and _tma_operands(e, c, cfg))
+            and cfg.fw_fused_block_c % cfg.block_v == 0
+            and _tma_operands(e, c, cfg, (cfg.fw_fused_stages, cfg.fw_fused_block_c)))
 
 
-def _tma_operands(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig,
+def _tma_operands(e: torch.Tensor, c: torch.Tensor, cfg: BlockConfig, tiles: tuple[int, int],
                   pointers: bool = True) -> bool:
     """16-bit e and c whose rows TMA can load (16-byte aligned starts and strides), on a GPU
-    with TMA (Hopper or newer) and the shared memory of the fused kernels' tiles, or the
-    interpreter. Without ``pointers`` the starts are not looked at (under torch.compile's
-    tracing, which has none)."""
+    with TMA (Hopper or newer) and the shared memory of a fused kernel's ``tiles`` (stages,
+    columns), or the interpreter. Without ``pointers`` the starts are not looked at (under
+    torch.compile's tracing, which has none)."""
     if TensorDescriptor is None or e.dtype not in (torch.bfloat16, torch.float16) or (
             c.dtype != e.dtype):
         return False
-    if e.is_cuda and not _tma_tiles_fit(e.device, cfg, e.element_size()):
+    if e.is_cuda and not _tma_tiles_fit(e.device, cfg, e.element_size(), *tiles):
         return False
     return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
                and (not pointers or t.data_ptr() % 16 == 0) for t in (e, c))
 
 
-def _tma_tiles_fit(device: torch.device, cfg: BlockConfig, itemsize: int) -> bool:
-    """TMA (compute capability >= 9) and shared memory for the fused kernels' pipelined
-    operand tiles and their output tile (consumer Blackwell has about 99 KB, not 227)."""
+def _tma_tiles_fit(device: torch.device, cfg: BlockConfig, itemsize: int, stages: int,
+                   block_c: int) -> bool:
+    """TMA (compute capability >= 9) and shared memory for a fused kernel's pipelined operand
+    tiles (``stages`` of ``dl_block_m`` + ``block_c`` rows) and its output tile (consumer
+    Blackwell has about 99 KB, not 227)."""
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     bm, bk = cfg.dl_block_m, cfg.dl_block_k
-    need = itemsize * max(stages * (bm + bc) * bk + bm * bc for stages, bc in (
-        (cfg.dl_stages, cfg.dl_block_c), (cfg.fw_fused_stages, cfg.fw_fused_block_c)))
+    need = itemsize * (stages * (bm + block_c) * bk + bm * block_c)
     have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin",
                    None)
     if have is None:  # an older torch: ask triton's driver
@@ -668,8 +673,8 @@ def forward(
     rescaling, done only when the running LSE exceeds the reference by more than
     :func:`probs_slack`); ``resid`` (2, N) fp32 what the 16-bit rounding of each target's p took
     (see ``_chunk_pass_kernel``). :func:`finish_de` turns them into dE once the global LSE is
-    known. Each chunk's logits are read once for the statistics and p together (p under the
-    reference the chunks before set), the first chunk's twice. Its chunks hold
+    known. Each chunk's logits are read (fused: computed) once for the statistics and p together
+    (p under the reference the chunks before set), the first chunk's twice. Its chunks hold
     ``cfg.gemm_de_fw_bytes`` of fp32 logits: larger ones pass the accumulator through memory
     fewer times."""
     n, v = e.shape[0], c.shape[0]
@@ -688,9 +693,12 @@ def forward(
                     _no_residual(n, e.device))
         return out
     fused = fused_forward(e, c, cfg, with_de)
-    # Fused, the chunks are the same with dE and without (the same statistics, bit for bit).
+    # Fused, the chunks are the same with dE and without (with gemm_fused_fw="always", the same
+    # statistics bit for bit), whole column tiles of the kernel.
     chunk = _chunk_rows(n, cfg.gemm_de_fw_bytes if with_de or fused else cfg.gemm_fw_bytes,
                         cfg.gemm_fw_chunk_v, bv, v)
+    if fused and chunk < v:
+        chunk = max(cfg.fw_fused_block_c, chunk // cfg.fw_fused_block_c * cfg.fw_fused_block_c)
     # Running statistics per column group (a column tile of the fused kernel): the first chunk
     # has the most groups.
     cols = cfg.fw_fused_block_c if fused else max(bv, cfg.gemm_stats_cols // bv * bv)
@@ -724,8 +732,8 @@ def forward(
         outputs = (targets, tile_max if bias is None else bias, stats[0], stats[1], stats[-1],
                    tile_max)
         if fused:
-            p_desc = TensorDescriptor(p if p is not None else p_buf0, [n, vc], [chunk, 1],
-                                      [bm, bc])
+            p_desc = (no_p if p is None else
+                      TensorDescriptor(p, [n, vc], [chunk, 1], [bm, bc]))
             _chunk_stats_gemm_kernel[(min(programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc)),)](
                 e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
                 resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
@@ -755,9 +763,9 @@ def forward(
         )
 
     d = e.shape[1]
-    if fused:  # a placeholder for p where only the statistics are written
-        p_buf0 = p_buf if p_buf is not None else torch.empty((bm, 8), dtype=e.dtype,
-                                                             device=e.device)
+    if fused:  # where only the statistics are written: a descriptor of one tile, never used
+        no_p = TensorDescriptor.from_tensor(
+            torch.empty((bm, bc), dtype=e.dtype, device=e.device), [bm, bc])
     for v0 in range(0, v, chunk):
         vc = min(chunk, v - v0)
         if fused:

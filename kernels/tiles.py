@@ -102,6 +102,9 @@ class BlockConfig:
     dl_group: int = 8
 
     def __post_init__(self) -> None:
+        if self.gemm_fused_fw not in ("always", "stats", "never"):
+            raise ValueError(f"gemm_fused_fw must be 'always', 'stats' or 'never', got "
+                             f"{self.gemm_fused_fw!r}")
         if self.block_n % min(self.block_n, self.gemm_stats_n):
             raise ValueError(f"gemm_stats_n ({self.gemm_stats_n}) must divide block_n "
                              f"({self.block_n})")

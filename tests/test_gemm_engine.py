@@ -589,6 +589,8 @@ def test_inputs_tma_cannot_load_take_the_two_launch_path(layout):
     {"sum_logits": True, "bias": True},
     {"mean_logit": True, "logit_scale": 1.7},
     {"softcap": 6.0, "bias": True, "low_cap": True},
+    {"sum_logits": True, "bias": True, "masked": True},
+    {"confident": True},
 ])
 @pytest.mark.parametrize("with_de,dtype", [
     (True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)])
@@ -597,8 +599,10 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
     the two-launch path (fp32 logits from a product, then the statistics kernel) agree on the
     LSE, target logit, tile maxima (also against float64), sum or mean of logits and the
     finished dE, on every option, a shard's slice of the vocabulary, several chunks with a
-    partial last one, and, with a low cap on p, rows repaired from recomputed logits; and the
-    fused path is the one that ran (no fp32 logits product)."""
+    partial last one, and, with a low cap on p, rows repaired from recomputed logits, a bias
+    of -inf over the first 96 rows (column groups of two chunks with no finite logit), or
+    confident tokens (what rounding takes from the target's p); and the fused path is the one
+    that ran (no fp32 logits product)."""
     if options.get("low_cap"):
         monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
         monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 1.5)
@@ -608,13 +612,21 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
     t[::6] = -100
     gen = torch.Generator().manual_seed(8)
     bias = torch.randn(v, generator=gen).to(dtype) if options.get("bias") else None
+    if options.get("masked"):
+        bias[:96] = float("-inf")
+        t[(t >= start) & (t < start + 96)] = start + 100
+    if options.get("confident"):  # p of the target near 1: its 16-bit rounding matters
+        inside = (t >= start) & (t < start + v)
+        e[inside] = (e[inside].float() + 3 * c[t[inside] - start].float()).to(dtype)
     kw = dict(sum_logits=options.get("sum_logits", False), softcap=options.get("softcap", 0.0),
               bias=bias, mean_logit=options.get("mean_logit", False),
               logit_scale=options.get("logit_scale", 1.0), with_de=with_de)
     scale = torch.rand(n, generator=gen) * (t >= 0)
     out = {}
     for fused in (True, False):
-        cfg = replace(CFG, gemm_fused_fw="always" if fused else "never")
+        # Chunks of whole fused column tiles on both paths (the same references for p), the
+        # last one narrower than a tile.
+        cfg = replace(CFG, gemm_fused_fw="always" if fused else "never", gemm_fw_chunk_v=64)
         assert gemm_engine.fused_forward(e, c, cfg, with_de) == fused
         with checked_memory(), mock.patch.object(
                 gemm_engine, "_mm_fp32", wraps=gemm_engine._mm_fp32) as products:
@@ -629,7 +641,9 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
     for name, x in out[True].items():
         if x.numel():
             y = out[False][name]
+            assert not x.isnan().any() and not y.isnan().any(), name
             assert torch.equal(torch.isinf(x), torch.isinf(y)), name
+            assert torch.equal(x[x.isinf()], y[y.isinf()]), name  # the same signs
             assert rel_err(x[x.isfinite()], y[y.isfinite()].double()) < 1e-5, name
     z = (e.double() @ c.double().T) * kw["logit_scale"]
     if bias is not None:
@@ -662,3 +676,8 @@ def test_fused_forward_modes():
                 gemm_engine.fused_forward(e, c, cfg, True)) == want, mode
     assert not gemm_engine.fused_forward(e.float(), c.float(), CFG, False)
     assert not gemm_engine.fused_forward(e, c[:, 1:], CFG, False)  # a start off 16 bytes
+
+
+def test_fused_forward_config_is_checked():
+    with pytest.raises(ValueError, match="gemm_fused_fw"):
+        replace(CFG, gemm_fused_fw="Always")

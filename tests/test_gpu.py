@@ -190,9 +190,9 @@ def test_fused_dlogits_kernel_on_the_gpu(v, d, dtype):
 def test_fused_forward_kernel_on_the_gpu(v, d, dtype, low_cap, monkeypatch):
     """The forward's persistent TMA kernel (logits, statistics and p in one launch) against the
     two-launch path (cuBLAS fp32 logits, then the statistics kernel), compiled, over several
-    chunks whose last one is not a multiple of 8 rows: LSE, target logit, tile maxima, the
-    softmax-weighted mean or the sum of logits, and dE made in the forward, with a bias and a
-    softcap or a logit scale; with a low cap on p, rows repaired from recomputed logits; dE
+    chunks (the last one narrower, and for two of the shapes not a multiple of 8 rows): LSE,
+    target logit, tile maxima, the softmax-weighted mean or the sum of logits, and dE made in
+    the forward, with a bias and a softcap or a logit scale; with a low cap on p, rows repaired from recomputed logits; dE
     and the LSE against float64 too."""
     from dataclasses import replace
 

@@ -192,8 +192,8 @@ def test_fused_forward_kernel_on_the_gpu(v, d, dtype, low_cap, monkeypatch):
     two-launch path (cuBLAS fp32 logits, then the statistics kernel), compiled, over several
     chunks (the last one narrower, and for two of the shapes not a multiple of 8 rows): LSE,
     target logit, tile maxima, the softmax-weighted mean or the sum of logits, and dE made in
-    the forward, with a bias and a softcap or a logit scale; with a low cap on p, rows repaired from recomputed logits; dE
-    and the LSE against float64 too."""
+    the forward, with a bias and a softcap or a logit scale; with a low cap on p, rows
+    repaired from recomputed logits; dE and the LSE against float64 too."""
     from dataclasses import replace
 
     from cce_dist.kernels import gemm_engine, tiles

@@ -344,16 +344,18 @@ def test_fuzz_vocabulary_parallel_over_gloo(world):
     tail_bytes=st.sampled_from((1, 4096, 1 << 20)), lend=st.sampled_from((0.0, 0.25, 1.0)),
     filter_eps=st.sampled_from((None, "auto")), seed=st.integers(0, 2**16),
     layout=st.sampled_from(("contiguous", "padded rows", "offset start")),
+    fused_fw=st.sampled_from(("stats", "always")),
 )
 def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_n, tail_bytes,
-                           lend, filter_eps, seed, layout):
+                           lend, filter_eps, seed, layout, fused_fw):
     """Each engine under random chunk sizes, column groups and workspace plans (dC's rows lent
     or not, nested buffers for the lent rows, tail chunks of one tile): forward statistics and
     gradients equal float64, under the bounds check. The CI shapes above rarely reach these
     plans (a mutation that overlapped the nested buffers passed them). e and c come
     contiguous, in rows padded to a 16-byte stride, or one element into their storage (which
     decide whether the backward's TMA kernel may load them: a D of 33 in padded rows once
-    crashed it)."""
+    crashed it). The gemm engine's forward also makes dE (``finish_de`` against float64), its
+    fused kernel only without dE or always (``gemm_fused_fw``)."""
     from dataclasses import replace
 
     from cce_dist.kernels import gemm_engine, triton_backward, triton_forward
@@ -364,7 +366,7 @@ def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_
                   gemm_fw_chunk_v=fw_chunk, gemm_stats_cols=cols, gemm_stats_n=stats_n,
                   gemm_tail_bytes=tail_bytes,
                   max_lent_fraction=lend, lent_chunk_v=chunk, chunk_v=chunk + 16,
-                  tail_chunk_v=max(16, chunk // 2))
+                  tail_chunk_v=max(16, chunk // 2), gemm_fused_fw=fused_fw)
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(n, d, generator=g).to(dtype)
     c = (torch.randn(v, d, generator=g) * 2 / d ** 0.5).to(dtype)
@@ -389,9 +391,16 @@ def test_fuzz_engine_plans(engine, dtype, n, d, v, chunk, fw_chunk, cols, stats_
         lse, tgt, tile_max, _ = forward(e, c, t, 0, cfg)
         de, dc = backward(e, c, t, lse, scale, 0, decode_filter(code), tile_max, cfg)
     what = (f"{engine} {dtype} N={n} D={d} V={v} chunk={chunk} lend={lend} tail={tail_bytes} "
-            f"{layout}")
+            f"{layout} fused_fw={fused_fw}")
     assert rel_err(lse, torch.logsumexp(logits, 1)) <= 1e-5, what
     assert rel_err(tgt, logits.gather(1, t[:, None])[:, 0]) <= 1e-5, what
     tol = GRAD_TOL[dtype] * (1 if code is None else 2)
     assert rel_err(de, dl @ c.double()) <= tol, what
     assert rel_err(dc, dl.T @ e.double()) <= tol, what
+    if engine == "gemm":  # dE made in the forward
+        with checked_memory():
+            out = gemm_engine.forward(e, c, t, 0, cfg, with_de=True)
+            de = gemm_engine.finish_de(*out[4:], out[0], out[1], scale, t, c, 0, cfg,
+                                       torch.float32)
+        assert rel_err(out[0], torch.logsumexp(logits, 1)) <= 1e-5, what
+        assert rel_err(de, dl @ c.double()) <= GRAD_TOL[dtype], what

@@ -139,6 +139,15 @@ def _check_call(dtype, n, d, v, e_kind, c_kind, t_kind, ignore, reduction, filte
         loss_err = float((loss.detach().double().cpu() - want_loss).norm()) / max(
             float(want_loss.norm()), mags[0], 1e-30)
         assert loss_err <= LOSS_TOL[dtype], (what, loss_err)
+        # Evaluation: the forward that makes no dE (on the gemm engine, its fused kernel where
+        # the operands allow) gives the same loss.
+        with torch.no_grad(), checked_memory():
+            evaluated = linear_cross_entropy(e_in.view(e.detach()), c_in.view(c.detach()), t,
+                                             reduction=reduction, filter_eps=filter_eps,
+                                             backend=backend)
+        eval_err = float((evaluated.double().cpu() - want_loss).norm()) / max(
+            float(want_loss.norm()), mags[0], 1e-30)
+        assert eval_err <= LOSS_TOL[dtype], (what, "no_grad", eval_err)
         tol = GRAD_TOL[dtype] * (1 if filter_eps is None else 2)
         for name, view, leaf, want_view, want_leaf, mag in zip(
             ("dE", "dC"), views, (e, c), want_views, want_leaves, mags[1:]

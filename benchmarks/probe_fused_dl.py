@@ -17,16 +17,8 @@ import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from cce_dist.kernels import gemm_engine, tiles
+from cce_dist.kernels.gemm_engine import grouped_tile
 from cce_dist.testing import make_inputs
-
-
-@triton.jit
-def _grouped(tile, num_m, num_n, GROUP: tl.constexpr):
-    """Tile index -> (token tile, vocabulary tile), GROUP token tiles per column sweep."""
-    per_group = GROUP * num_n
-    first_m = (tile // per_group) * GROUP
-    size = tl.minimum(num_m - first_m, GROUP)
-    return first_m + (tile % per_group) % size, (tile % per_group) // size
 
 
 @triton.jit
@@ -43,7 +35,7 @@ def _dl(acc, offs_m, offs_n, t_ptr, lse_ptr, scale_ptr, v0):
 def _dl_gemm_ptr(e_ptr, c_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, N, VC, D, v0,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  EPILOGUE: tl.constexpr, STAGES: tl.constexpr):
-    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -66,7 +58,7 @@ def _dl_gemm_ptr(e_ptr, c_ptr, dl_ptr, t_ptr, lse_ptr, scale_ptr, N, VC, D, v0,
 def _dl_gemm_tma(e_desc, c_desc, dl_desc, t_ptr, lse_ptr, scale_ptr, N, VC, D,
                  v0, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                  EPILOGUE: tl.constexpr, STAGES: tl.constexpr, SPLIT_STORE: tl.constexpr):
-    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(VC, BN), GROUP)
     om, on = pid_m * BM, pid_n * BN
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in tl.range(0, D, BK, num_stages=STAGES):
@@ -90,7 +82,7 @@ def _dl_gemm_tma_persistent(e_desc, c_desc, dl_desc, t_ptr, lse_ptr, scale_ptr, 
     num_m, num_n = tl.cdiv(N, BM), tl.cdiv(VC, BN)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True,
                          warp_specialize=WS):
-        pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP)
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP)
         om, on = pid_m * BM, pid_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.range(0, D, BK, num_stages=STAGES):

@@ -125,6 +125,27 @@ def _chunk_dlogits_kernel(
 
 
 @triton.jit
+def grouped_tile(tile, num_m, num_c, GROUP: tl.constexpr):
+    """A persistent program's tile index -> (token tile, column tile): ``GROUP`` token tiles
+    sweep the columns together, so that c's rows are reused from L2."""
+    per_group = GROUP * num_c
+    first_m = (tile // per_group) * GROUP
+    rows = tl.minimum(num_m - first_m, GROUP)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _tma_logits(e_desc, c_desc, om, row, D, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 ``e[om:om + BLOCK_M] @ c[row:row + BLOCK_C].T`` from TMA loads, ``STAGES`` deep
+    (rows past e's or c's end load as zeros)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for k in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+        acc = mma(e_desc.load([om, k]), c_desc.load([row, k]).T, acc, PRECISION)
+    return acc
+
+
+@triton.jit
 def _chunk_dlogits_gemm_kernel(
     e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N,
     V, D, vc, v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
@@ -141,17 +162,12 @@ def _chunk_dlogits_gemm_kernel(
     past dl's shape are dropped."""
     num_m = tl.cdiv(N, BLOCK_M)
     num_c = tl.cdiv(vc, BLOCK_C)
-    per_group = GROUP * num_c
     for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
-        first_m = (tile // per_group) * GROUP
-        rows = tl.minimum(num_m - first_m, GROUP)
-        pid_m = first_m + (tile % per_group) % rows
-        pid_c = (tile % per_group) // rows
+        pid_m, pid_c = grouped_tile(tile, num_m, num_c, GROUP)
         om = pid_m * BLOCK_M
         oc = pid_c * BLOCK_C
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for k in tl.range(0, D, BLOCK_K, num_stages=STAGES):
-            acc = mma(e_desc.load([om, k]), c_desc.load([v0 + oc, k]).T, acc, PRECISION)
+        acc = _tma_logits(e_desc, c_desc, om, v0 + oc, D, BLOCK_M, BLOCK_C, BLOCK_K, STAGES,
+                          PRECISION)
         offs_n = om + tl.arange(0, BLOCK_M)
         offs_c = oc + tl.arange(0, BLOCK_C)
         g = _dlogits(acc, offs_n, offs_c, offs_n < N, offs_c < vc, v0, t_ptr, bias_ptr,
@@ -312,19 +328,14 @@ def _chunk_stats_gemm_kernel(
     underflows, ``exp(z - lse)`` does too (the LSE is at least ``m``)."""
     num_m = tl.cdiv(N, BLOCK_M)
     num_c = tl.cdiv(vc, BLOCK_C)
-    per_group = GROUP * num_c
     SUB_M: tl.constexpr = BLOCK_M // TILE_N
     SUB_C: tl.constexpr = BLOCK_C // TILE_V
     for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
-        first_m = (tile // per_group) * GROUP
-        rows = tl.minimum(num_m - first_m, GROUP)
-        pid_m = first_m + (tile % per_group) % rows
-        pid_c = (tile % per_group) // rows
+        pid_m, pid_c = grouped_tile(tile, num_m, num_c, GROUP)
         om = pid_m * BLOCK_M
         oc = pid_c * BLOCK_C
-        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for k in tl.range(0, D, BLOCK_K, num_stages=STAGES):
-            acc = mma(e_desc.load([om, k]), c_desc.load([v0 + oc, k]).T, acc, PRECISION)
+        acc = _tma_logits(e_desc, c_desc, om, v0 + oc, D, BLOCK_M, BLOCK_C, BLOCK_K, STAGES,
+                          PRECISION)
         offs_n = om + tl.arange(0, BLOCK_M)
         offs_c = oc + tl.arange(0, BLOCK_C)
         mask_n = offs_n < N

@@ -69,9 +69,11 @@ def methods(selected: set[str]) -> dict:
     for name, changes in (
             ("two-launch fw", dict(gemm_fused_fw="never")),
             ("fused fw stats only", dict(gemm_fused_fw="stats")),
-            ("fused fw 128x128 s3", dict(gemm_fused_fw="always", fw_fused_stages=3)),
+            ("fused fw 128x128 s4", dict(gemm_fused_fw="always", fw_fused_block_c=128,
+                                         fw_fused_stages=4)),
             ("fused fw 128x256 s3", dict(gemm_fused_fw="always", fw_fused_block_c=256,
-                                         fw_fused_stages=3))):
+                                         fw_fused_stages=3)),
+            ("fused fw stats only s4", dict(gemm_fused_fw="stats", fw_fused_stages=4))):
         fn = (lambda e, c, t: linear_cross_entropy(e, c, t))
         fn.context = (lambda changes=changes: mock.patch.object(
             tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, **changes)))

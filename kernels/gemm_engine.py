@@ -346,38 +346,44 @@ def _chunk_stats_gemm_kernel(
         logits = tl.where(mask, logits, float("-inf"))
         row_max = tl.max(logits, axis=1)
         m = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows past N, masked columns
-        e_z = tl.exp(logits - m[:, None])
         local_t = local_targets(t_ptr, offs_n, mask_n, vocab_start, V)
         hit = ((v0 + offs_c)[None, :] == local_t[:, None]) & mask
+        # What needs the logits themselves comes before their exponentials: a 128 x 256 tile
+        # holds 128 values per thread, and two such tiles live at once spill registers.
         if STATS:
-            # Reductions in the product's own layout (a 3-D reshape of the tile would pass it
-            # through shared memory, which the pipelined loads fill).
+            # The tile maxima: a reshape that splits the columns' highest bits, which the
+            # product's layout does in registers.
             tile_n = om // TILE_N + tl.arange(0, SUB_M)
-            for j in tl.static_range(SUB_C):
-                in_j = (offs_c >= oc + j * TILE_V) & (offs_c < oc + (j + 1) * TILE_V)
-                rows_max = tl.max(tl.where(in_j[None, :], logits, float("-inf")), axis=1)
-                sub = tl.max(tl.reshape(rows_max, (SUB_M, TILE_N)), axis=1)
-                tl.atomic_max(tile_max_ptr + tile_n * num_v_tiles + (v0 + oc) // TILE_V + j, sub,
-                              mask=(tile_n < num_n_tiles) & (tile_n * 0 + oc + j * TILE_V < vc))
-            s = tl.sum(e_z, axis=1)
+            sub_v = tl.arange(0, SUB_C)
+            cols_max = tl.max(tl.reshape(logits, (BLOCK_M, SUB_C, TILE_V)), axis=2)
+            sub = tl.max(tl.reshape(cols_max, (SUB_M, TILE_N, SUB_C)), axis=1)
+            tgt = tl.sum(tl.where(hit, logits, 0.0), axis=1)
             zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             if SUM_LOGITS:
                 zsum = tl.sum(tl.where(mask, logits, 0.0), axis=1)
+        e_z = tl.exp(logits - m[:, None])
+        if STATS:
+            s = tl.sum(e_z, axis=1)
             if MEAN_LOGIT:
                 zsum = tl.sum(e_z * tl.where(mask, logits, 0.0), axis=1)
                 zsum = tl.where(s > 0, zsum / s, 0.0)
-            tgt = tl.sum(tl.where(hit, logits, 0.0), axis=1)
             _fold_split(lse_ptr, tgt_ptr, zsum_ptr, pid_c * N + offs_n, mask_n, m + tl.log(s),
                         tgt, zsum, FIRST, SUM_LOGITS, MEAN_LOGIT)
+            tl.atomic_max(tile_max_ptr + tile_n[:, None] * num_v_tiles + (v0 + oc) // TILE_V
+                          + sub_v[None, :], sub, mask=(tile_n < num_n_tiles)[:, None]
+                          & (oc + sub_v * TILE_V < vc)[None, :])
         if PROBS:
             ref = tl.load(ref_ptr + offs_n, mask=mask_n, other=0.0)
             g = logits_grad(e_z * tl.exp(tl.minimum(m - ref, cap))[:, None], logits, softcap,
                             logit_scale, HAS_SOFTCAP, HAS_SCALE)
+            if ROUNDED:  # the target's g before p replaces g (two tiles live at once spill)
+                g_t = tl.sum(tl.where(hit, g, 0.0), axis=1)
             p = cast_out(tl.where(mask, g, 0.0), p_desc.dtype, PRECISION)
             p_desc.store([om, oc], p)
             if ROUNDED:
                 has = mask_n & (local_t >= v0 + oc) & (local_t < v0 + tl.minimum(oc + BLOCK_C, vc))
-                lost = tl.sum(tl.where(hit, g - p.to(tl.float32), 0.0), axis=1)
+                # Sums of one entry each: exact.
+                lost = g_t - tl.sum(tl.where(hit, p.to(tl.float32), 0.0), axis=1)
                 tl.store(resid_ptr + offs_n, lost, mask=has)
                 tl.store(resid_ptr + N + offs_n, ref, mask=has)
 

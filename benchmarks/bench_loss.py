@@ -73,7 +73,10 @@ def methods(selected: set[str]) -> dict:
                                          fw_fused_stages=4)),
             ("fused fw 128x256 s3", dict(gemm_fused_fw="always", fw_fused_block_c=256,
                                          fw_fused_stages=3)),
-            ("fused fw stats only s4", dict(gemm_fused_fw="stats", fw_fused_stages=4))):
+            ("fused fw stats only s4", dict(gemm_fused_fw="stats", fw_fused_stages=4)),
+            ("fw unflattened", dict(fw_fused_flatten=False)),
+            ("dl unflattened", dict(dl_flatten=False)),
+            ("both unflattened", dict(fw_fused_flatten=False, dl_flatten=False))):
         fn = (lambda e, c, t: linear_cross_entropy(e, c, t))
         fn.context = (lambda changes=changes: mock.patch.object(
             tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, **changes)))

@@ -79,7 +79,7 @@ def ptxas_info(compiled) -> str:
 def forward_variant(block_c: int = 256, stages: int = 3, **flags) -> dict:
     """Constexprs of ``_chunk_stats_gemm_kernel`` (statistics and p, bf16, no options)."""
     out = dict(FIRST=False, BLOCK_M=128, BLOCK_C=block_c, BLOCK_K=64, GROUP=8, STAGES=stages,
-               TILE_N=64, TILE_V=128, SUM_LOGITS=False, HAS_BIAS=False, HAS_SOFTCAP=False,
+               FLATTEN=True, TILE_N=64, TILE_V=128, SUM_LOGITS=False, HAS_BIAS=False, HAS_SOFTCAP=False,
                MEAN_LOGIT=False, HAS_SCALE=False, STATS=True, PROBS=True, ROUNDED=True,
                PRECISION="tf32")
     out.update(flags)
@@ -88,7 +88,8 @@ def forward_variant(block_c: int = 256, stages: int = 3, **flags) -> dict:
 
 def dlogits_variant(**flags) -> dict:
     """Constexprs of ``_chunk_dlogits_gemm_kernel`` (bf16, no options)."""
-    out = dict(BLOCK_M=128, BLOCK_C=256, BLOCK_K=64, GROUP=8, STAGES=3, HAS_BIAS=False,
+    out = dict(BLOCK_M=128, BLOCK_C=256, BLOCK_K=64, GROUP=8, STAGES=3, FLATTEN=True,
+               HAS_BIAS=False,
                HAS_SOFTCAP=False, ENTROPY=False, HAS_SCALE=False, PRECISION="tf32")
     out.update(flags)
     return out
@@ -104,6 +105,7 @@ def engine_variants() -> list[tuple[str, object, dict, int]]:
     from cce_dist.kernels.tiles import GPU_CONFIG as cfg
 
     fw_tiles = dict(BLOCK_M=cfg.dl_block_m, BLOCK_K=cfg.dl_block_k, GROUP=cfg.dl_group,
+                    FLATTEN=cfg.fw_fused_flatten,
                     TILE_N=cfg.block_n, TILE_V=cfg.block_v)
     out = []
     for name, flags in (
@@ -118,7 +120,7 @@ def engine_variants() -> list[tuple[str, object, dict, int]]:
         out.append((f"forward: {name}", gemm_engine._chunk_stats_gemm_kernel, constexprs,
                     cfg.fw_fused_warps))
     dl_tiles = dict(BLOCK_M=cfg.dl_block_m, BLOCK_C=cfg.dl_block_c, BLOCK_K=cfg.dl_block_k,
-                    GROUP=cfg.dl_group, STAGES=cfg.dl_stages)
+                    GROUP=cfg.dl_group, STAGES=cfg.dl_stages, FLATTEN=cfg.dl_flatten)
     for name, flags in (("plain", dict()), ("bias, softcap, entropy, scale", dict(
             HAS_BIAS=True, HAS_SOFTCAP=True, ENTROPY=True, HAS_SCALE=True))):
         out.append((f"dl: {name}", gemm_engine._chunk_dlogits_gemm_kernel,

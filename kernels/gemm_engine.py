@@ -150,7 +150,7 @@ def _chunk_dlogits_gemm_kernel(
     e_desc, c_desc, dl_desc, t_ptr, bias_ptr, lse_ptr, scale_ptr, ent_scale_ptr, mean_ptr, N,
     V, D, vc, v0, vocab_start, target_weight, uniform_weight, softcap, logit_scale,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STAGES: tl.constexpr, FLATTEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -162,7 +162,7 @@ def _chunk_dlogits_gemm_kernel(
     past dl's shape are dropped."""
     num_m = tl.cdiv(N, BLOCK_M)
     num_c = tl.cdiv(vc, BLOCK_C)
-    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_c = grouped_tile(tile, num_m, num_c, GROUP)
         om = pid_m * BLOCK_M
         oc = pid_c * BLOCK_C
@@ -304,7 +304,7 @@ def _chunk_stats_gemm_kernel(
     resid_ptr, N, V, D, vc, v0, vocab_start, num_n_tiles, num_v_tiles, softcap, logit_scale,
     cap, FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    STAGES: tl.constexpr, TILE_N: tl.constexpr, TILE_V: tl.constexpr,
+    STAGES: tl.constexpr, FLATTEN: tl.constexpr, TILE_N: tl.constexpr, TILE_V: tl.constexpr,
     SUM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     MEAN_LOGIT: tl.constexpr, HAS_SCALE: tl.constexpr, STATS: tl.constexpr, PROBS: tl.constexpr,
     ROUNDED: tl.constexpr, PRECISION: tl.constexpr,
@@ -330,7 +330,7 @@ def _chunk_stats_gemm_kernel(
     num_c = tl.cdiv(vc, BLOCK_C)
     SUB_M: tl.constexpr = BLOCK_M // TILE_N
     SUB_C: tl.constexpr = BLOCK_C // TILE_V
-    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_m * num_c, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_c = grouped_tile(tile, num_m, num_c, GROUP)
         om = pid_m * BLOCK_M
         oc = pid_c * BLOCK_C
@@ -755,8 +755,8 @@ def forward(
                 e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
                 resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
                 tile_max.shape[1], *scalars, FIRST=bool(first), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
-                GROUP=cfg.dl_group, STAGES=cfg.fw_fused_stages, TILE_N=bn, TILE_V=bv,
-                STATS=stats_on, PROBS=p is not None, **flags, num_warps=cfg.fw_fused_warps,
+                GROUP=cfg.dl_group, STAGES=cfg.fw_fused_stages, FLATTEN=cfg.fw_fused_flatten,
+                TILE_N=bn, TILE_V=bv, STATS=stats_on, PROBS=p is not None, **flags, num_warps=cfg.fw_fused_warps,
             )
             return
         _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](
@@ -893,7 +893,7 @@ class ChunkDlogits:
                 self.e_desc, self.c_desc, TensorDescriptor(dl, [n, vc], [ld, 1], [bm, bc]),
                 *self.args, n, v, d, vc, v0, self.vocab_start, *self.scalars, BLOCK_M=bm,
                 BLOCK_C=bc, BLOCK_K=cfg.dl_block_k, GROUP=cfg.dl_group, STAGES=cfg.dl_stages,
-                **self.flags, num_warps=cfg.dl_warps,
+                FLATTEN=cfg.dl_flatten, **self.flags, num_warps=cfg.dl_warps,
             )
             return dl
         logits = logits_buf[: n * vc].view(n, vc)

@@ -100,6 +100,8 @@ class BlockConfig:
     dl_stages: int = 3
     dl_warps: int = 8
     dl_group: int = 8
+    dl_flatten: bool = True
+    fw_fused_flatten: bool = True
 
     def __post_init__(self) -> None:
         if self.gemm_fused_fw not in ("always", "stats", "never"):

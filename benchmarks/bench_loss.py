@@ -77,11 +77,11 @@ def methods(selected: set[str]) -> dict:
             ("fw unflattened", dict(fw_fused_flatten=False)),
             ("dl unflattened", dict(dl_flatten=False)),
             ("both unflattened", dict(fw_fused_flatten=False, dl_flatten=False)),
-            ("fused fw, dE chunks 256 MB", dict(gemm_fused_fw="always",
+            ("fused fw dE chunks 256 MB", dict(gemm_fused_fw="always",
                                                 gemm_de_fw_bytes=256 << 20)),
-            ("fused fw, dE chunks 512 MB", dict(gemm_fused_fw="always",
+            ("fused fw dE chunks 512 MB", dict(gemm_fused_fw="always",
                                                 gemm_de_fw_bytes=512 << 20)),
-            ("two-launch fw, dE chunks 32 MB", dict(gemm_de_fw_bytes=32 << 20))):
+            ("two-launch fw dE chunks 32 MB", dict(gemm_de_fw_bytes=32 << 20))):
         fn = (lambda e, c, t: linear_cross_entropy(e, c, t))
         fn.context = (lambda changes=changes: mock.patch.object(
             tiles, "GPU_CONFIG", dataclasses.replace(tiles.GPU_CONFIG, **changes)))

@@ -381,13 +381,16 @@ def test_the_forward_makes_de_where_the_backward_would_lend_rows():
     assert not ops.forward_makes_de(*tensors(torch.bfloat16), "reference")
 
 
+@pytest.mark.parametrize("fused", ["never", "always"])
 @pytest.mark.parametrize("softcap,repair", [(0.0, False), (30.0, False), (0.0, True)])
-def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap, repair, monkeypatch):
+def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap, repair, fused,
+                                                              monkeypatch):
     """bf16, targets of probability 0.99 to nearly 1: dE's row is (p_t - 1) c_t + sum of the other
     p_j c_j, tiny next to p_t, whose bf16 rounding alone (2^-9 relative) would swamp it; each
     row stays within bf16 accuracy of float64 (the rounding of p_t is carried in fp32). With
     ``repair``, p is capped so low that the rows are recomputed in fp32 chunk after chunk: the
-    rounding carried must then not count twice."""
+    rounding carried must then not count twice. Both forwards: p from the fp32 logits' pass
+    (``fused="never"``) and from the fused kernel's epilogue (``"always"``)."""
     if repair:
         monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
         monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 1.5)
@@ -399,12 +402,14 @@ def test_forward_de_of_confident_tokens_keeps_the_target_term(softcap, repair, m
     e = torch.linspace(1.0, 2.2, n)[:, None] * c[t] / c[t].norm(dim=1, keepdim=True)
     e, c = e.to(torch.bfloat16), c.to(torch.bfloat16)
     lse64, de64 = _softcapped_reference(e, c, t, 0, softcap, None, torch.ones(n))
-    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c, t, 0, CFG, False, softcap,
+    cfg = replace(CFG, gemm_fused_fw=fused)
+    assert gemm_engine.fused_forward(e, c, cfg, True) == (fused == "always")
+    lse, tgt, _, _, acc, ref, resid = gemm_engine.forward(e, c, t, 0, cfg, False, softcap,
                                                           with_de=True)
     # (Nearer 1, dE's row is ~1e-7 of p_t: below what fp32 itself resolves, on either path.)
     confident = (torch.exp(tgt.double() - lse64) - 0.995).abs() < 0.0049  # 0.99 .. 0.9999
     assert confident.sum() >= 8
-    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, torch.ones(n), t, c, 0, CFG,
+    de = gemm_engine.finish_de(acc, ref, resid, lse, tgt, torch.ones(n), t, c, 0, cfg,
                                torch.float32, softcap=softcap)
     row_err = (de.double() - de64).norm(dim=1) / de64.norm(dim=1)
     assert row_err[confident].max() < 2e-2, row_err  # without the carried rounding: up to 30

@@ -79,8 +79,8 @@ def ptxas_info(compiled) -> str:
 def forward_variant(block_c: int = 256, stages: int = 3, **flags) -> dict:
     """Constexprs of ``_chunk_stats_gemm_kernel`` (statistics and p, bf16, no options)."""
     out = dict(FIRST=False, BLOCK_M=128, BLOCK_C=block_c, BLOCK_K=64, GROUP=8, STAGES=stages,
-               FLATTEN=True, TILE_N=64, TILE_V=128, SUM_LOGITS=False, HAS_BIAS=False, HAS_SOFTCAP=False,
-               MEAN_LOGIT=False, HAS_SCALE=False, STATS=True, PROBS=True, ROUNDED=True,
+               FLATTEN=True, TILE_N=64, TILE_V=128, SUM_LOGITS=False, HAS_BIAS=False,
+               HAS_SOFTCAP=False, MEAN_LOGIT=False, HAS_SCALE=False, STATS=True, PROBS=True, ROUNDED=True,
                PRECISION="tf32")
     out.update(flags)
     return out
@@ -101,12 +101,12 @@ HOPPER_SHARED = 227 * 1024  # opt-in shared memory per block on sm_90
 def engine_variants() -> list[tuple[str, object, dict, int]]:
     """(name, kernel, constexprs, warps) of the variants the engine launches on Hopper, with
     the tiles of ``GPU_CONFIG``: the fused forward (statistics only, the first chunk, p,
-    options), the backward's dl (options), and the repair from recomputed logits."""
+    options), the backward's dl (options), each also with its tile loop unflattened (the
+    config's ``fw_fused_flatten`` / ``dl_flatten``), and the repair from recomputed logits."""
     from cce_dist.kernels.tiles import GPU_CONFIG as cfg
 
     fw_tiles = dict(BLOCK_M=cfg.dl_block_m, BLOCK_K=cfg.dl_block_k, GROUP=cfg.dl_group,
-                    FLATTEN=cfg.fw_fused_flatten,
-                    TILE_N=cfg.block_n, TILE_V=cfg.block_v)
+                    FLATTEN=cfg.fw_fused_flatten, TILE_N=cfg.block_n, TILE_V=cfg.block_v)
     out = []
     for name, flags in (
             ("statistics, first chunk", dict(PROBS=False, FIRST=True)),
@@ -114,17 +114,20 @@ def engine_variants() -> list[tuple[str, object, dict, int]]:
                                                      HAS_SOFTCAP=True, MEAN_LOGIT=True)),
             ("statistics, sum, scale", dict(PROBS=False, SUM_LOGITS=True, HAS_SCALE=True)),
             ("statistics and p", dict()),
-            ("p only, first chunk, bias", dict(STATS=False, FIRST=True, HAS_BIAS=True))):
-        constexprs = forward_variant(cfg.fw_fused_block_c, cfg.fw_fused_stages, **flags)
+            ("p only, first chunk, bias", dict(STATS=False, FIRST=True, HAS_BIAS=True)),
+            ("statistics and p, unflattened", dict(FLATTEN=False))):
+        constexprs = forward_variant(cfg.fw_fused_block_c, cfg.fw_fused_stages)
         constexprs.update(fw_tiles)
+        constexprs.update(flags)
         out.append((f"forward: {name}", gemm_engine._chunk_stats_gemm_kernel, constexprs,
                     cfg.fw_fused_warps))
     dl_tiles = dict(BLOCK_M=cfg.dl_block_m, BLOCK_C=cfg.dl_block_c, BLOCK_K=cfg.dl_block_k,
                     GROUP=cfg.dl_group, STAGES=cfg.dl_stages, FLATTEN=cfg.dl_flatten)
-    for name, flags in (("plain", dict()), ("bias, softcap, entropy, scale", dict(
+    for name, flags in (("plain", dict()), ("unflattened", dict(FLATTEN=False)),
+                        ("bias, softcap, entropy, scale", dict(
             HAS_BIAS=True, HAS_SOFTCAP=True, ENTROPY=True, HAS_SCALE=True))):
         out.append((f"dl: {name}", gemm_engine._chunk_dlogits_gemm_kernel,
-                    {**dlogits_variant(**flags), **dl_tiles}, cfg.dl_warps))
+                    {**dlogits_variant(), **dl_tiles, **flags}, cfg.dl_warps))
     out.append(("repair from recomputed logits", gemm_engine._advance_reference_kernel,
                 dict(BLOCK_N=cfg.block_n, BLOCK_V=32, BLOCK_D=min(cfg.out_block_d, 128),
                      FIRST=False, HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SCALE=False,

@@ -754,9 +754,10 @@ def forward(
             _chunk_stats_gemm_kernel[(min(programs, triton.cdiv(n, bm) * triton.cdiv(vc, bc)),)](
                 e_desc, c_desc, p_desc, *outputs, tile_max if p is None else ref,
                 resid if with_de else tile_max, n, v, d, vc, v0, vocab_start, tile_max.shape[0],
-                tile_max.shape[1], *scalars, FIRST=bool(first), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=bk,
-                GROUP=cfg.dl_group, STAGES=cfg.fw_fused_stages, FLATTEN=cfg.fw_fused_flatten,
-                TILE_N=bn, TILE_V=bv, STATS=stats_on, PROBS=p is not None, **flags, num_warps=cfg.fw_fused_warps,
+                tile_max.shape[1], *scalars, FIRST=bool(first), BLOCK_M=bm, BLOCK_C=bc,
+                BLOCK_K=bk, GROUP=cfg.dl_group, STAGES=cfg.fw_fused_stages,
+                FLATTEN=cfg.fw_fused_flatten, TILE_N=bn, TILE_V=bv, STATS=stats_on,
+                PROBS=p is not None, **flags, num_warps=cfg.fw_fused_warps,
             )
             return
         _chunk_pass_kernel[(triton.cdiv(n, stats_n), triton.cdiv(vc, cols))](

@@ -596,6 +596,7 @@ def test_inputs_tma_cannot_load_take_the_two_launch_path(layout):
     {"softcap": 6.0, "bias": True, "low_cap": True},
     {"sum_logits": True, "bias": True, "masked": True},
     {"confident": True},
+    {"tall": True, "sum_logits": True},
 ])
 @pytest.mark.parametrize("with_de,dtype", [
     (True, torch.bfloat16), (False, torch.bfloat16), (True, torch.float16)])
@@ -606,8 +607,9 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
     finished dE, on every option, a shard's slice of the vocabulary, several chunks with a
     partial last one, and, with a low cap on p, rows repaired from recomputed logits, a bias
     of -inf over the first 96 rows (column groups of two chunks with no finite logit), or
-    confident tokens (what rounding takes from the target's p); and the fused path is the one
-    that ran (no fp32 logits product)."""
+    confident tokens (what rounding takes from the target's p), or (``tall``) kernel tiles of
+    2 x 4 filter tiles, the last row of them past N; and the fused path is the one that ran (no
+    fp32 logits product)."""
     if options.get("low_cap"):
         monkeypatch.setattr(gemm_engine, "probs_slack", lambda dtype: 0.0)
         monkeypatch.setattr(gemm_engine, "probs_cap", lambda dtype, scale=1.0: 1.5)
@@ -632,6 +634,9 @@ def test_fused_forward_matches_the_two_launch_path(options, with_de, dtype, monk
         # Chunks of whole fused column tiles on both paths (the same references for p), the
         # last one narrower than a tile.
         cfg = replace(CFG, gemm_fused_fw="always" if fused else "never", gemm_fw_chunk_v=64)
+        if options.get("tall"):  # the two-launch path's statistics on as wide column groups
+            cfg = replace(cfg, dl_block_m=2 * CFG.block_n, fw_fused_block_c=4 * CFG.block_v,
+                          gemm_stats_cols=4 * CFG.block_v)
         assert gemm_engine.fused_forward(e, c, cfg, with_de) == fused
         with checked_memory(), mock.patch.object(
                 gemm_engine, "_mm_fp32", wraps=gemm_engine._mm_fp32) as products:

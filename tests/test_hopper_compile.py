@@ -17,5 +17,5 @@ def test_engine_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_registers.py"),
                           "--check"], capture_output=True, text=True, env=env, timeout=900)
     lines = [line for line in run.stdout.splitlines() if line[:4] in ("  ok", "FAIL")]
-    assert run.returncode == 0 and len(lines) == 8, run.stdout + run.stderr[-3000:]
+    assert run.returncode == 0 and len(lines) == 10, run.stdout + run.stderr[-3000:]
     assert all(line.startswith("  ok") for line in lines), run.stdout

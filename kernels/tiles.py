@@ -49,9 +49,11 @@ class BlockConfig:
     no dE, or "never"): the forward's logits with their statistics (and p) in one such kernel,
     with no fp32 logits buffer, on tiles ``dl_block_m`` x ``fw_fused_block_c``,
     ``fw_fused_stages`` deep, with ``fw_fused_warps`` warps. Measured on an H200
-    (BENCHMARKS.md): equal or faster than cuBLAS plus the statistics kernel for the forward
-    alone, slower where the forward also makes dE (its epilogue spills registers at 128 x 256,
-    and 128 x 128 tiles multiply slower), hence "stats".
+    (BENCHMARKS.md): faster than cuBLAS plus the statistics kernel for the forward alone (at
+    torch.compile's forward speed), not faster where the forward also makes dE, hence "stats".
+    ``dl_flatten`` / ``fw_fused_flatten``: whether the persistent kernels flatten their tile
+    loop into the product's loop, so that the next tile's loads overlap the epilogue (measured
+    faster than unflattened, which spills fewer registers).
     The forward may walk larger blocks of ``fw_block_n`` x ``fw_block_v`` (multiples of
     ``block_n`` and ``block_v``: more products per byte loaded) with its own ``fw_block_d`` and
     launch settings; it still records tile maxima on the ``block_n`` x ``block_v`` grid.

@@ -80,8 +80,8 @@ def forward_variant(block_c: int = 256, stages: int = 3, **flags) -> dict:
     """Constexprs of ``_chunk_stats_gemm_kernel`` (statistics and p, bf16, no options)."""
     out = dict(FIRST=False, BLOCK_M=128, BLOCK_C=block_c, BLOCK_K=64, GROUP=8, STAGES=stages,
                FLATTEN=True, TILE_N=64, TILE_V=128, SUM_LOGITS=False, HAS_BIAS=False,
-               HAS_SOFTCAP=False, MEAN_LOGIT=False, HAS_SCALE=False, STATS=True, PROBS=True, ROUNDED=True,
-               PRECISION="tf32")
+               HAS_SOFTCAP=False, MEAN_LOGIT=False, HAS_SCALE=False, STATS=True, PROBS=True,
+               ROUNDED=True, PRECISION="tf32")
     out.update(flags)
     return out
 
@@ -89,8 +89,8 @@ def forward_variant(block_c: int = 256, stages: int = 3, **flags) -> dict:
 def dlogits_variant(**flags) -> dict:
     """Constexprs of ``_chunk_dlogits_gemm_kernel`` (bf16, no options)."""
     out = dict(BLOCK_M=128, BLOCK_C=256, BLOCK_K=64, GROUP=8, STAGES=3, FLATTEN=True,
-               HAS_BIAS=False,
-               HAS_SOFTCAP=False, ENTROPY=False, HAS_SCALE=False, PRECISION="tf32")
+               HAS_BIAS=False, HAS_SOFTCAP=False, ENTROPY=False, HAS_SCALE=False,
+               PRECISION="tf32")
     out.update(flags)
     return out
 
@@ -123,9 +123,11 @@ def engine_variants() -> list[tuple[str, object, dict, int]]:
                     cfg.fw_fused_warps))
     dl_tiles = dict(BLOCK_M=cfg.dl_block_m, BLOCK_C=cfg.dl_block_c, BLOCK_K=cfg.dl_block_k,
                     GROUP=cfg.dl_group, STAGES=cfg.dl_stages, FLATTEN=cfg.dl_flatten)
-    for name, flags in (("plain", dict()), ("unflattened", dict(FLATTEN=False)),
-                        ("bias, softcap, entropy, scale", dict(
-            HAS_BIAS=True, HAS_SOFTCAP=True, ENTROPY=True, HAS_SCALE=True))):
+    for name, flags in (
+            ("plain", dict()),
+            ("unflattened", dict(FLATTEN=False)),
+            ("bias, softcap, entropy, scale", dict(HAS_BIAS=True, HAS_SOFTCAP=True,
+                                                   ENTROPY=True, HAS_SCALE=True))):
         out.append((f"dl: {name}", gemm_engine._chunk_dlogits_gemm_kernel,
                     {**dlogits_variant(), **dl_tiles, **flags}, cfg.dl_warps))
     out.append(("repair from recomputed logits", gemm_engine._advance_reference_kernel,
